@@ -1,0 +1,34 @@
+# make run   - create .venv if missing, install, train + evaluate the default job
+# make test  - create .venv if missing, install, run the default test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+RUN    ?= runs/default
+
+.PHONY: run test test-slow bench install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/metarl train --family sinusoid --algo maml --iterations 5000 --out $(RUN) --overwrite
+	$(VENV)/bin/metarl evaluate $(RUN) --shots 5 --steps 10 --plot $(RUN)/adaptation.png --json $(RUN)/eval.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(VENV)/bin/metarl bench --json bench.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,62 @@
+"""Shared pieces of the command line: error handling, consoles, option parsing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from metarl.types import ConfigError
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+class UserError(Exception):
+    """Raised by CLI code for bad usage; printed as one line, exit code 2."""
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConfigError, UserError]
+    with contextlib.suppress(ImportError):
+        from metarl.tasks.omniglot_data import DataError
+
+        types.append(DataError)
+    return tuple(types)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn user-facing errors into ``error: ...`` on stderr and exit code 2; Ctrl-C into exit 130."""
+    try:
+        yield
+    except user_error_types() as e:
+        msg = " ".join(str(e).split())  # one line
+        err.print(f"error: {msg}", markup=False)
+        raise typer.Exit(code=2) from None
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        raise typer.Exit(code=130) from None
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["key=value", ...]`` -> dict; values are parsed as JSON when they can be."""
+    opts: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--family-opt {pair!r} is not KEY=VALUE (e.g. --family-opt shots=5)")
+        try:
+            opts[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            opts[key.strip()] = raw
+    return opts
+
+
+def is_tty() -> bool:
+    return err.is_terminal and sys.stderr.isatty()

@@ -1,0 +1,29 @@
+"""The ``metarl`` command."""
+
+from __future__ import annotations
+
+import typer
+
+from metarl.cli import bench, evaluate, families, gradcheck, train
+
+app = typer.Typer(
+    name="metarl",
+    help="Gradient-based meta-learning: train, evaluate, check and benchmark MAML, FOMAML, "
+         "Reptile and iMAML on task families.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command(rich_help_panel="Training")(train.train)
+app.command(rich_help_panel="Training")(evaluate.evaluate)
+app.add_typer(families.app, name="families", rich_help_panel="Families")
+app.command(rich_help_panel="Diagnostics")(gradcheck.gradcheck)
+app.command(rich_help_panel="Diagnostics")(bench.bench)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""MAML and first-order MAML.
+
+Finn, Abbeel and Levine 2017, "Model-Agnostic Meta-Learning for Fast
+Adaptation of Deep Networks", eq. 1: the meta-objective is
+``mean_t L_out,t(phi_k,t(theta))`` with ``phi_{j+1} = phi_j - alpha grad L_in(phi_j)``.
+Its gradient is ``prod_j (I - alpha H_j)^T grad L_out(phi_k)``, computed here by
+backpropagating through the unrolled inner steps (a chain of Hessian-vector
+products; no Hessian is formed). First-order MAML takes
+``d phi_k / d theta = I``: the meta-gradient is ``grad L_out(phi_k)``.
+"""
+
+from __future__ import annotations
+
+from metarl import params as P
+from metarl.algorithms.base import MetaGrad
+from metarl.inner import InnerConfig, adapt
+from metarl.types import Params, TaskBatch, check_task_losses
+
+
+def meta_grad(theta: Params, batch: TaskBatch, inner: InnerConfig, *,
+              first_order: bool = False) -> MetaGrad:
+    """MAML (or, with ``first_order=True``, FOMAML) meta-gradient for one meta-batch.
+
+    Args:
+        theta: meta-parameters, leaves without a task dimension.
+        batch: T tasks.
+        inner: inner steps k and learning rate alpha.
+        first_order: drop the second-order terms (FOMAML); memory is then flat in k.
+
+    Returns:
+        ``MetaGrad`` whose ``grad`` is ``d/dtheta mean_t L_out,t(phi_k,t)``.
+
+    References: Finn et al. 2017, eq. 1 and section 5.2 (first-order approximation).
+    """
+    T = batch.n_tasks
+    theta = P.detach(theta, requires_grad=True)
+    theta_T = P.expand(theta, T)  # [T, ...], backward sums over tasks
+    ad = adapt(theta_T, batch, inner, create_graph=not first_order)
+    phi = P.detach(ad.phi, requires_grad=True) if first_order else ad.phi
+    out_data = batch.outer_data(phi)
+    L_out = check_task_losses(batch.outer_loss(phi, out_data), T, "outer_loss")  # [T]
+    if first_order:
+        grad = P.task_mean(P.grads(L_out.sum(), phi))  # d phi_k / d theta := I
+    else:
+        grad = P.grads(L_out.mean(), theta)  # through every inner step
+    return MetaGrad(grad=grad, inner_losses=ad.losses, outer_loss=L_out.detach(),
+                    phi=P.detach(phi), inner_data=ad.data, outer_data=out_data)

@@ -1,0 +1,132 @@
+"""Meta-testing: adapt to fresh test tasks and score after 0..K inner steps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from metarl import params as P
+from metarl.families import Family
+from metarl.inner import InnerConfig, adapt
+from metarl.types import Params
+
+TEST_SEED_OFFSET = 1_000_003
+"""Test tasks are drawn from ``seed + TEST_SEED_OFFSET``: never the training stream."""
+
+
+@dataclass
+class Curve:
+    """A metric after 0..K adaptation steps, over n tasks."""
+
+    label: str
+    steps: list[int]
+    mean: list[float]
+    ci95: list[float]
+    n_tasks: int
+    per_task: torch.Tensor | None = field(default=None, repr=False)
+    """``[n_tasks, K+1]``."""
+
+    @classmethod
+    def from_values(cls, label: str, values: torch.Tensor) -> Curve:
+        """``values [n_tasks, K+1]`` -> mean and 95% CI (1.96 std / sqrt(n))."""
+        v = values.double()
+        n = v.shape[0]
+        std = v.std(0, unbiased=True) if n > 1 else torch.zeros(v.shape[1], dtype=v.dtype)
+        return cls(label=label, steps=list(range(v.shape[1])), mean=v.mean(0).tolist(),
+                   ci95=(1.96 * std / math.sqrt(n)).tolist(), n_tasks=n, per_task=values)
+
+    def to_json(self, **head: Any) -> dict[str, Any]:
+        return {**head, "steps": self.steps, "mean": self.mean, "ci95": self.ci95,
+                "n_tasks": self.n_tasks}
+
+
+def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int,
+                      lr: float | tuple[float, ...], seed: int, device: torch.device,
+                      dtype: torch.dtype, chunk: int = 600, **overrides: Any) -> torch.Tensor:
+    """Per-task metric after 0..K steps of plain gradient descent on the inner loss.
+
+    Tasks are drawn from the test split with ``seed + TEST_SEED_OFFSET`` and
+    processed ``chunk`` at a time (all tasks of a chunk adapt as one batch).
+
+    Returns:
+        ``[n_tasks, steps + 1]`` (CPU, float64).
+    """
+    cfg = InnerConfig(steps=steps, lr=lr)
+    gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
+    theta = P.to(P.detach(theta), device, dtype)
+    rows = []
+    for start in range(0, n_tasks, chunk):
+        T = min(chunk, n_tasks - start)
+        batch = family.sample_batch(T, gen, split="test", device=device, dtype=dtype, **overrides)
+        phi = P.expand(theta, T)
+        vals = []
+        for j in range(steps + 1):
+            with torch.no_grad():
+                vals.append(batch.metric(phi, batch.outer_data(phi)).double().cpu())
+            if j < steps:
+                phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)),
+                            create_graph=False).phi
+        rows.append(torch.stack(vals, 1))  # [T, K+1]
+    return torch.cat(rows)
+
+
+@dataclass
+class Evaluation:
+    """The result of meta-testing a checkpoint."""
+
+    family: str
+    algo: str
+    metric: str
+    curve: Curve
+    baselines: list[Curve] = field(default_factory=list)
+    """Other curves drawn in the same run (random init, pretrained, ...)."""
+    hlines: dict[str, float] = field(default_factory=dict)
+    """Reference levels (an oracle's metric)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = self.curve.to_json(family=self.family, algo=self.algo, metric=self.metric)
+        if self.baselines:
+            d["baselines"] = {c.label: c.to_json() for c in self.baselines}
+        if self.hlines:
+            d["reference_lines"] = self.hlines
+        d["settings"] = self.settings
+        return d
+
+
+def evaluate_checkpoint(state: dict[str, Any], *, n_tasks: int | None = None,
+                        steps: int | None = None, lr: tuple[float, ...] | None = None,
+                        seed: int = 0, device: str = "auto", chunk: int | None = None,
+                        baselines: bool = True, **overrides: Any) -> Evaluation:
+    """Meta-test the parameters of a checkpoint on fresh test tasks.
+
+    Defaults (tasks, steps, test-time inner lr) come from the family. Families
+    that define ``baselines(...)`` add their reference curves to the result.
+    """
+    from metarl import families
+    from metarl.types import resolve_device, resolve_dtype
+
+    cfg = state["config"]
+    family = families.make(cfg["family"], **cfg.get("family_options", {}))
+    d = family.defaults
+    n = n_tasks if n_tasks is not None else d.eval_tasks
+    k = steps if steps is not None else d.eval_steps
+    rates = lr or d.eval_lr or (float(cfg["inner_lr"]),)
+    dev, dtype = resolve_device(device), resolve_dtype(cfg.get("dtype", "float32"))
+    size = chunk or getattr(family, "eval_chunk", 600)
+    theta = state["theta"]
+    common = dict(n_tasks=n, steps=k, lr=tuple(rates), seed=seed, device=dev, dtype=dtype,
+                  chunk=size, **overrides)
+    values = adaptation_values(theta, family, **common)
+    result = Evaluation(family=family.name, algo=cfg["algo"], metric=family.metric,
+                        curve=Curve.from_values(cfg["algo"], values),
+                        settings={"n_tasks": n, "steps": k, "lr": list(rates), "seed": seed,
+                                  **overrides})
+    extra = getattr(family, "baselines", None)
+    if baselines and extra is not None:
+        curves, hlines = extra(theta=theta, config=cfg, **common)
+        result.baselines, result.hlines = list(curves), dict(hlines)
+    return result

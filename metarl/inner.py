@@ -1,0 +1,101 @@
+"""The inner loop: a few gradient steps per task, batched over tasks.
+
+One loop serves training (with or without the graph of every step),
+evaluation, TRPO's line search (re-adapting from stored data) and iMAML's
+proximal solve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from metarl import params as P
+from metarl.types import ConfigError, Data, Params, TaskBatch, check_task_losses
+
+
+@dataclass(frozen=True, kw_only=True)
+class InnerConfig:
+    """How each task adapts: ``phi_{j+1} = phi_j - alpha_j * grad L_in(phi_j)``."""
+
+    steps: int = 1
+    """Inner gradient steps per task (k). 0 scores theta itself."""
+    lr: float | tuple[float, ...] = 0.01
+    """Inner learning rate alpha; a tuple gives one rate per step, the last repeated."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"inner steps must be >= 0, got {self.steps}")
+        lrs = self.lr if isinstance(self.lr, tuple) else (self.lr,)
+        if not lrs or any(a <= 0 for a in lrs):
+            raise ConfigError(f"inner lr must be positive, got {self.lr}")
+
+    def lr_at(self, j: int) -> float:
+        """alpha_j: the learning rate of inner step ``j`` (0-based)."""
+        if isinstance(self.lr, tuple):
+            return self.lr[min(j, len(self.lr) - 1)]
+        return self.lr
+
+    def lr_sum(self) -> float:
+        return sum(self.lr_at(j) for j in range(self.steps))
+
+
+@dataclass
+class Adaptation:
+    """What an inner loop produced."""
+
+    phi: Params
+    """Adapted per-task parameters phi_k, leaves ``[T, *shape]``."""
+    data: list[Data] = field(default_factory=list)
+    """The inner data used at each step (k entries), for re-adaptation without resampling."""
+    losses: list[Tensor] = field(default_factory=list)
+    """Inner loss ``[T]`` at each step, detached."""
+
+
+def adapt(
+    params: Params,
+    batch: TaskBatch,
+    cfg: InnerConfig,
+    *,
+    create_graph: bool,
+    data: Sequence[Data] | None = None,
+    prox: tuple[float, Params] | None = None,
+) -> Adaptation:
+    """Run ``cfg.steps`` inner gradient steps for all tasks at once.
+
+    Args:
+        params: starting per-task parameters phi_0, leaves ``[T, *shape]``.
+        batch: the tasks.
+        cfg: steps and learning rate(s).
+        create_graph: keep the graph of every step (second-order MAML, TRPO).
+            When False each step starts from detached parameters and the result
+            carries no history (first-order methods, evaluation).
+        data: inner data to reuse, one entry per step; ``None`` asks the batch
+            for new data at every step (RL: resampled with the current phi_j).
+        prox: ``(lam, anchor)`` adds ``lam/2 * |phi - anchor|^2`` to the inner
+            loss (iMAML's proximal problem).
+
+    Returns:
+        The adapted parameters and the data and losses of every step.
+    """
+    if data is not None and len(data) < cfg.steps:
+        raise ValueError(f"got inner data for {len(data)} steps, need {cfg.steps}")
+    T = batch.n_tasks
+    phi = params
+    out = Adaptation(phi=phi)
+    for j in range(cfg.steps):
+        if not create_graph:
+            phi = P.detach(phi, requires_grad=True)
+        d = data[j] if data is not None else batch.inner_data(phi)
+        loss = check_task_losses(batch.inner_loss(phi, d), T, "inner_loss")  # [T]
+        out.data.append(d)
+        out.losses.append(loss.detach())
+        if prox is not None:
+            lam, anchor = prox
+            loss = loss + 0.5 * lam * P.task_dot(P.sub(phi, anchor), P.sub(phi, anchor))
+        g = P.grads(loss.sum(), phi, create_graph=create_graph)  # per-task grads [T, ...]
+        phi = P.add(phi, g, -cfg.lr_at(j))
+    out.phi = phi if create_graph else P.detach(phi)
+    return out

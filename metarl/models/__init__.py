@@ -1,0 +1,6 @@
+"""Models evaluated with per-task parameters ``[T, ...]``."""
+
+from metarl.models.base import Model
+from metarl.models.mlp import MLP
+
+__all__ = ["MLP", "Model"]

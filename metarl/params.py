@@ -1,0 +1,121 @@
+"""Operations on parameter trees (dicts of tensors), batched over tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from metarl.types import Params
+
+
+def expand(theta: Params, n_tasks: int) -> Params:
+    """Stack ``theta`` ``n_tasks`` times without copying: each leaf ``[T, *shape]``.
+
+    The backward of ``expand`` sums over tasks, so a gradient of the summed
+    per-task losses w.r.t. ``theta`` flows through it with no extra work.
+    """
+    return {k: v.unsqueeze(0).expand(n_tasks, *v.shape) for k, v in theta.items()}
+
+
+def detach(params: Params, requires_grad: bool = False) -> Params:
+    return {k: v.detach().requires_grad_(requires_grad) for k, v in params.items()}
+
+
+def clone_leaf(params: Params) -> Params:
+    """Fresh leaf tensors with ``requires_grad=True`` (meta-parameters to optimise)."""
+    return {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+
+
+def grads(loss: Tensor, params: Params, *, create_graph: bool = False,
+          retain_graph: bool | None = None) -> Params:
+    """``d loss / d params`` as a tree. Parameters the loss does not use get zeros."""
+    keys = list(params)
+    gs = torch.autograd.grad(loss, [params[k] for k in keys], create_graph=create_graph,
+                             retain_graph=retain_graph, allow_unused=True)
+    return {k: (torch.zeros_like(params[k]) if g is None else g) for k, g in zip(keys, gs)}
+
+
+def add(a: Params, b: Params, alpha: float | Tensor = 1.0) -> Params:
+    """``a + alpha * b``; a tensor ``alpha`` of shape ``[T]`` scales each task."""
+    if isinstance(alpha, Tensor) and alpha.dim() == 1:
+        return {k: a[k] + per_task(alpha, b[k]) * b[k] for k in a}
+    return {k: a[k] + alpha * b[k] for k in a}
+
+
+def sub(a: Params, b: Params) -> Params:
+    return {k: a[k] - b[k] for k in a}
+
+
+def scale(a: Params, s: float | Tensor) -> Params:
+    if isinstance(s, Tensor) and s.dim() == 1:
+        return {k: per_task(s, v) * v for k, v in a.items()}
+    return {k: s * v for k, v in a.items()}
+
+
+def per_task(s: Tensor, like: Tensor) -> Tensor:
+    """Reshape a ``[T]`` vector to broadcast against a ``[T, *shape]`` leaf."""
+    return s.reshape(s.shape[0], *([1] * (like.dim() - 1)))
+
+
+def task_dot(a: Params, b: Params) -> Tensor:
+    """Per-task inner product of two stacks: ``[T]``."""
+    return sum((a[k] * b[k]).flatten(1).sum(1) for k in a)  # type: ignore[return-value]
+
+
+def task_mean(a: Params) -> Params:
+    """Average a per-task stack over tasks: leaves ``[*shape]``."""
+    return {k: v.mean(0) for k, v in a.items()}
+
+
+def zeros_like(a: Params) -> Params:
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def flatten(params: Params) -> Tensor:
+    """Concatenate the leaves (no task dimension) into one vector."""
+    return torch.cat([v.reshape(-1) for v in params.values()])
+
+
+def flatten_tasks(params: Params) -> Tensor:
+    """Concatenate per-task leaves into ``[T, n_params]``."""
+    return torch.cat([v.flatten(1) for v in params.values()], dim=1)
+
+
+def unflatten(vec: Tensor, like: Params) -> Params:
+    """Inverse of :func:`flatten` (shapes taken from ``like``)."""
+    out, i = {}, 0
+    for k, v in like.items():
+        n = v.numel()
+        out[k] = vec[i:i + n].view_as(v)
+        i += n
+    return out
+
+
+def map_params(fn: Callable[[Tensor], Tensor], params: Params) -> Params:
+    return {k: fn(v) for k, v in params.items()}
+
+
+def stack(trees: Sequence[Params]) -> Params:
+    return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
+
+
+def to(params: Params, device: torch.device | str | None = None,
+       dtype: torch.dtype | None = None) -> Params:
+    return {k: v.to(device=device, dtype=dtype) for k, v in params.items()}
+
+
+def n_params(params: Params) -> int:
+    return sum(v.numel() for v in params.values())
+
+
+def unflatten_tasks(mat: Tensor, like: Params) -> Params:
+    """Inverse of :func:`flatten_tasks`: ``[T, n_params]`` -> per-task leaves ``[T, *shape]``."""
+    out, i = {}, 0
+    T = mat.shape[0]
+    for k, v in like.items():
+        n = v[0].numel()
+        out[k] = mat[:, i:i + n].reshape(T, *v.shape[1:])
+        i += n
+    return out

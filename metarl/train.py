@@ -1,0 +1,136 @@
+"""Meta-training: sample a meta-batch, compute the meta-gradient, update theta; log and checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metarl import checkpoint, families
+from metarl import params as P
+from metarl.algorithms import meta_grad
+from metarl.config import TrainConfig
+from metarl.families import Family
+from metarl.outer import GradientOuter, OuterOptimizer
+from metarl.types import ConfigError, Params, TaskBatch, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, dict[str, float] | None], None]
+"""Called after every iteration with the iteration number (1-based) and, every
+few iterations, the latest metrics."""
+
+
+@dataclass
+class RunResult:
+    out: Path
+    iterations: int
+    seconds: float
+    metrics: dict[str, float]
+
+
+def make_outer(cfg: TrainConfig, theta: Params, family: Family) -> OuterOptimizer:
+    if cfg.outer in ("adam", "sgd"):
+        return GradientOuter(theta, cfg.outer, cfg.outer_lr)
+    make = getattr(family, "make_outer", None)  # RL families provide TRPO
+    if make is None:
+        raise ConfigError(f"outer optimizer {cfg.outer!r} is for RL families; family "
+                          f"{cfg.family!r} trains with --outer adam or sgd")
+    return make(cfg, theta)
+
+
+def seeds(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """Generators of the initial parameters and of the training tasks."""
+    return (torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 7919))
+
+
+def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
+    ckpt = out / checkpoint.CHECKPOINT
+    if ckpt.exists() and not (overwrite or resume):
+        raise ConfigError(f"run folder {str(out)!r} already holds a checkpoint: pass --resume to "
+                          "continue it, --overwrite to replace it, or choose another --out")
+    if overwrite and not resume:
+        for name in (checkpoint.CHECKPOINT, "metrics.jsonl", "config.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None,
+          overwrite: bool = False, resume: bool = False) -> RunResult:
+    """Meta-train ``cfg.family`` with ``cfg.algo``; write ``config.json``,
+    ``metrics.jsonl`` and ``checkpoint.pt`` (atomically) under ``out``.
+
+    With ``resume`` the run continues from ``out/checkpoint.pt`` (parameters,
+    optimizer state and task stream) up to ``cfg.iterations``. A keyboard
+    interrupt writes the checkpoint of the last finished iteration, then re-raises.
+    """
+    out = Path(out)
+    prepare_out(out, overwrite=overwrite, resume=resume)
+    family = families.make(cfg.family, **cfg.family_options)
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    g_init, g_tasks = seeds(cfg.seed)
+    theta = P.clone_leaf(family.init_params(g_init, device, dtype))
+    outer = make_outer(cfg, theta, family)
+    start = 0
+    if resume:
+        state = checkpoint.load(out)
+        theta = P.clone_leaf(P.to(state["theta"], device, dtype))
+        outer = make_outer(cfg, theta, family)
+        if state.get("optimizer"):
+            outer.load_state_dict(state["optimizer"])
+        if state.get("task_rng") is not None:
+            g_tasks.set_state(state["task_rng"])
+        start = int(state["iteration"])
+        if start >= cfg.iterations:
+            raise ConfigError(f"the run in {str(out)!r} already has {start} iterations: raise "
+                              "--iterations to continue it")
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    inner, imaml_cfg = cfg.inner, cfg.imaml
+
+    def compute(th: Params, batch: TaskBatch):
+        return meta_grad(cfg.algo, th, batch, inner, imaml_cfg)
+
+    def save(iteration: int) -> None:
+        checkpoint.save(out / checkpoint.CHECKPOINT, theta=theta, config=cfg.to_dict(),
+                        iteration=iteration, optimizer=outer.state_dict(),
+                        task_rng=g_tasks.get_state(), family=cfg.family, algo=cfg.algo)
+
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = {}
+    it = start
+    with open(out / "metrics.jsonl", "a") as log_file:
+        try:
+            for it in range(start + 1, cfg.iterations + 1):
+                batch = family.sample_batch(cfg.meta_batch, g_tasks, split="train", device=device,
+                                            dtype=dtype)
+                mg = outer.step(theta, batch, compute)
+                show = it % max(1, min(cfg.log_every, 10)) == 0 or it == cfg.iterations
+                if show or it % cfg.log_every == 0:
+                    metrics = mg.metrics()
+                if it % cfg.log_every == 0 or it == cfg.iterations:
+                    row = {"iteration": it, "seconds": round(time.perf_counter() - t0, 3), **metrics}
+                    log_file.write(json.dumps(row) + "\n")
+                    log_file.flush()
+                if it % cfg.checkpoint_every == 0:
+                    save(it)
+                if progress is not None:
+                    progress(it, metrics if show else None)
+        except KeyboardInterrupt:
+            save(it - 1 if it > start else start)
+            raise
+    save(cfg.iterations)
+    return RunResult(out=out, iterations=cfg.iterations - start,
+                     seconds=time.perf_counter() - t0, metrics=metrics)
+
+
+def load_config(state: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig stored in a checkpoint."""
+    c = dict(state["config"])
+    return replace(TrainConfig(), **c)

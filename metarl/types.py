@@ -1,0 +1,96 @@
+"""Core types and protocols shared by every algorithm and family.
+
+Parameters are plain dicts of tensors. Inside the inner loop every leaf carries
+a leading task dimension ``[T, *shape]``; the meta-parameters ``theta`` do not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+Params = dict[str, Tensor]
+"""A model's parameters: name -> tensor. Per-task stacks have shape ``[T, *shape]``."""
+
+Data = Any
+"""Whatever a task batch needs to compute a loss (fixed sets, sampled trajectories)."""
+
+Metrics = dict[str, float]
+
+
+@runtime_checkable
+class TaskBatch(Protocol):
+    """A meta-batch of ``n_tasks`` tasks, seen by the algorithms only through this.
+
+    Getting data and computing a loss on it are separate calls, so that a loss on
+    fixed data is a pure function of the parameters: iMAML's Hessian-vector
+    products, TRPO's line search and the gradient checks evaluate it again and
+    again on the same data and never resample.
+
+    All ``params`` arguments are per-task stacks (every leaf ``[T, *shape]``).
+    """
+
+    n_tasks: int
+
+    def inner_data(self, params: Params) -> Data:
+        """Data to adapt on. Supervised: the support set. RL: trajectories
+        sampled with ``params`` (no gradient through the simulator)."""
+        ...
+
+    def outer_data(self, params: Params) -> Data:
+        """Data that scores adapted parameters. Supervised: the query set. RL:
+        new trajectories sampled with the adapted ``params``."""
+        ...
+
+    def inner_loss(self, params: Params, data: Data) -> Tensor:
+        """Per-task adaptation loss on ``data``: shape ``[T]``."""
+        ...
+
+    def outer_loss(self, params: Params, data: Data) -> Tensor:
+        """Per-task meta-objective on ``data``: shape ``[T]``."""
+        ...
+
+    def metric(self, params: Params, data: Data) -> Tensor:
+        """Per-task evaluation metric on ``data`` (MSE, accuracy, return): ``[T]``."""
+        ...
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem: the message names the bad value and the fix."""
+
+
+def check_task_losses(loss: Tensor, n_tasks: int, what: str) -> Tensor:
+    """Raise a readable error unless ``loss`` has shape ``[n_tasks]``."""
+    if loss.shape != (n_tasks,):
+        raise ValueError(
+            f"{what} returned shape {tuple(loss.shape)}, expected ({n_tasks},): "
+            "return one loss per task, not their mean"
+        )
+    return loss
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` picks CUDA when present; ``"cuda"`` without CUDA is a clear error."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but CUDA is not available: use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu or cuda") from e
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}: use float32 or float64") from None
