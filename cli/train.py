@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from metarl.cli.common import err, is_tty, parse_options, user_errors
 from metarl import config as C
 from metarl import families
+from metarl.train import check
 from metarl.train import train as run_training
 
 T, I, O, OUT = "Task", "Inner loop", "Outer loop", "Output"
@@ -69,6 +70,7 @@ def train(
                  "family": name, "family_options": options}
         cfg = C.resolve(fam, {k: v for k, v in file_values.items() if k != "family_options"}, flags)
         run_dir = out or Path("runs") / f"{fam.name}-{cfg.algo}"
+        check(cfg, fam, run_dir, overwrite=overwrite, resume=resume)
         err.print(f"training {cfg.algo} on {fam.name} for {cfg.iterations} iterations "
                   f"(meta-batch {cfg.meta_batch}, k={cfg.inner_steps}, inner lr {cfg.inner_lr}) "
                   f"-> {run_dir}", markup=False)

@@ -50,11 +50,23 @@ def seeds(seed: int) -> tuple[torch.Generator, torch.Generator]:
     return (torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 7919))
 
 
-def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
+def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = False,
+          resume: bool = False) -> None:
+    """Raise :class:`ConfigError` for anything that would fail only once the run started."""
+    resolve_device(cfg.device)
+    resolve_dtype(cfg.dtype)
+    if cfg.outer not in ("adam", "sgd") and getattr(family, "make_outer", None) is None:
+        raise ConfigError(f"outer optimizer {cfg.outer!r} is for RL families; family "
+                          f"{cfg.family!r} trains with --outer adam or sgd")
     ckpt = out / checkpoint.CHECKPOINT
     if ckpt.exists() and not (overwrite or resume):
         raise ConfigError(f"run folder {str(out)!r} already holds a checkpoint: pass --resume to "
                           "continue it, --overwrite to replace it, or choose another --out")
+    if resume and not ckpt.exists():
+        raise ConfigError(f"--resume: run folder {str(out)!r} has no checkpoint to continue")
+
+
+def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
     if overwrite and not resume:
         for name in (checkpoint.CHECKPOINT, "metrics.jsonl", "config.json"):
             (out / name).unlink(missing_ok=True)
@@ -71,8 +83,9 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
     interrupt writes the checkpoint of the last finished iteration, then re-raises.
     """
     out = Path(out)
-    prepare_out(out, overwrite=overwrite, resume=resume)
     family = families.make(cfg.family, **cfg.family_options)
+    check(cfg, family, out, overwrite=overwrite, resume=resume)
+    prepare_out(out, overwrite=overwrite, resume=resume)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     g_init, g_tasks = seeds(cfg.seed)
     theta = P.clone_leaf(family.init_params(g_init, device, dtype))

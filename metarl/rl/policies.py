@@ -1,0 +1,273 @@
+"""Stochastic MLP policies with per-task parameters.
+
+A policy is functional, like :class:`metarl.models.mlp.MLP`: it owns no
+tensors. ``init`` returns meta-parameters (no task dimension); every other
+call takes a per-task stack ``params_T`` (each leaf ``[T, *shape]``) and
+observations ``[T, ..., obs_dim]`` with any number of middle dimensions
+(``[T, E, obs]`` while sampling, ``[T, E, H, obs]`` for a loss), and applies
+task t's weights to task t's observations in one batched call.
+
+References: Finn et al. 2017 (MAML), section 5.3 and appendix; Duan et al.
+2016 (rllab) for the state-independent log-std Gaussian MLP policy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from metarl.models.mlp import MLP
+from metarl.types import Params
+
+__all__ = [
+    "ActionDist",
+    "Categorical",
+    "CategoricalMLPPolicy",
+    "DiagGaussian",
+    "GaussianMLPPolicy",
+    "Policy",
+]
+
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class ActionDist(Protocol):
+    """A batch of action distributions, one per leading index ``[T, ...]``."""
+
+    def log_prob(self, actions: Tensor) -> Tensor:
+        """Log-density of ``actions``, summed over action dimensions: ``[T, ...]``."""
+        ...
+
+    def entropy(self) -> Tensor:
+        """``[T, ...]``."""
+        ...
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """One action per distribution, drawn with ``generator`` (no gradient)."""
+        ...
+
+    @property
+    def mode(self) -> Tensor:
+        """The most likely action (deterministic evaluation)."""
+        ...
+
+    def kl(self, other: ActionDist) -> Tensor:
+        """``KL(self || other)`` per distribution: ``[T, ...]``."""
+        ...
+
+
+class Policy(Protocol):
+    """What the sampler and the RL losses need from a policy."""
+
+    obs_dim: int
+    discrete: bool
+
+    def init(self, generator: torch.Generator, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> Params: ...
+
+    def dist(self, params_T: Params, obs: Tensor) -> ActionDist: ...
+
+    def kl(self, params_old_T: Params, params_new_T: Params, obs: Tensor) -> Tensor: ...
+
+
+class DiagGaussian:
+    """Diagonal Gaussian ``N(mean, exp(log_std)^2)``.
+
+    Args:
+        mean: ``[T, ..., act]``.
+        log_std: broadcastable to ``mean`` (e.g. ``[T, 1, ..., act]``).
+    """
+
+    def __init__(self, mean: Tensor, log_std: Tensor) -> None:
+        self.mean = mean
+        self.log_std = log_std
+
+    @property
+    def std(self) -> Tensor:
+        return self.log_std.exp()
+
+    @property
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def log_prob(self, actions: Tensor) -> Tensor:
+        """``actions [T, ..., act]`` -> ``[T, ...]``."""
+        z = (actions - self.mean) * torch.exp(-self.log_std)  # [T, ..., act]
+        return (-0.5 * z * z - self.log_std - _HALF_LOG_2PI).sum(-1)
+
+    def entropy(self) -> Tensor:
+        """``[T, ...]``: ``sum(log_std + 0.5 log(2 pi e))`` at every observation."""
+        ent = (self.log_std + _HALF_LOG_2PI + 0.5).expand_as(self.mean)
+        return ent.sum(-1)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """``[T, ..., act]``, unclipped (the environment clips)."""
+        with torch.no_grad():
+            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
+                              dtype=self.mean.dtype)
+            return self.mean + self.std * eps
+
+    def kl(self, other: ActionDist) -> Tensor:
+        """``KL(self || other)``, closed form, summed over action dims: ``[T, ...]``."""
+        if not isinstance(other, DiagGaussian):
+            raise TypeError(f"KL between DiagGaussian and {type(other).__name__} is not defined")
+        var_ratio = torch.exp(2.0 * (self.log_std - other.log_std))  # (s0/s1)^2
+        t = (self.mean - other.mean) * torch.exp(-other.log_std)  # (m0-m1)/s1
+        kl = other.log_std - self.log_std + 0.5 * (var_ratio + t * t) - 0.5
+        return kl.sum(-1)
+
+
+class Categorical:
+    """Categorical distribution over ``n`` actions from unnormalised ``logits [T, ..., n]``."""
+
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits - logits.logsumexp(-1, keepdim=True)  # log-probabilities
+
+    @property
+    def probs(self) -> Tensor:
+        return self.logits.exp()
+
+    @property
+    def mode(self) -> Tensor:
+        return self.logits.argmax(-1)
+
+    def log_prob(self, actions: Tensor) -> Tensor:
+        """``actions [T, ...]`` (integers) -> ``[T, ...]``."""
+        return self.logits.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+
+    def entropy(self) -> Tensor:
+        return -(self.probs * self.logits).sum(-1)
+
+    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+        """``[T, ...]`` long."""
+        with torch.no_grad():
+            p = self.probs.reshape(-1, self.logits.shape[-1])
+            a = torch.multinomial(p, 1, generator=generator)  # [N, 1]
+            return a.reshape(self.logits.shape[:-1])
+
+    def kl(self, other: ActionDist) -> Tensor:
+        """``KL(self || other)``: ``[T, ...]``."""
+        if not isinstance(other, Categorical):
+            raise TypeError(f"KL between Categorical and {type(other).__name__} is not defined")
+        return (self.probs * (self.logits - other.logits)).sum(-1)
+
+
+def _check_obs(params_T: Params, obs: Tensor, obs_dim: int, key: str = "l0.w") -> int:
+    """Raise unless ``obs`` is ``[T, ..., obs_dim]`` with T the params' task count."""
+    T = params_T[key].shape[0]
+    if obs.dim() < 2 or obs.shape[0] != T or obs.shape[-1] != obs_dim:
+        raise ValueError(f"observations have shape {tuple(obs.shape)}, expected "
+                         f"[T={T}, ..., obs_dim={obs_dim}]: pass one row of observations per "
+                         "task, with the policy's obs_dim last")
+    if params_T[key].dim() != 3:
+        raise ValueError(f"parameter {key!r} has shape {tuple(params_T[key].shape)}, expected a "
+                         "per-task stack [T, in, out]: expand the meta-parameters with "
+                         "metarl.params.expand(theta, T)")
+    return T
+
+
+class _MLPPolicyBase:
+    """Shared code: obs ``[T, ..., obs]`` -> MLP on ``[T, N, obs]`` -> ``[T, ..., out]``."""
+
+    def __init__(self, obs_dim: int, n_out: int, hidden: Sequence[int], activation: str) -> None:
+        if obs_dim < 1 or n_out < 1:
+            raise ValueError(f"obs_dim and action size must be >= 1, got {obs_dim} and {n_out}")
+        self.obs_dim = obs_dim
+        self.mlp = MLP(obs_dim, n_out, hidden=tuple(hidden), activation=activation)
+
+    def _forward(self, params_T: Params, obs: Tensor) -> Tensor:
+        T = _check_obs(params_T, obs, self.obs_dim)
+        lead = obs.shape[1:-1]
+        w = params_T["l0.w"]
+        x = obs.to(dtype=w.dtype).reshape(T, -1, self.obs_dim)  # [T, N, obs]
+        out = self.mlp(params_T, x)  # [T, N, out]
+        return out.reshape(T, *lead, out.shape[-1])  # [T, ..., out]
+
+    def kl(self, params_old_T: Params, params_new_T: Params, obs: Tensor) -> Tensor:
+        """``KL(pi_old(.|o) || pi_new(.|o))`` at every observation: ``[T, ...]``.
+
+        The old policy is treated as a constant (its outputs are detached), so
+        the result is differentiable w.r.t. ``params_new_T`` only; this is the
+        constraint of TRPO (Schulman et al. 2015, eq. 12) and its Hessian at
+        ``new == old`` is the Fisher information.
+        """
+        with torch.no_grad():
+            old = self.dist(params_old_T, obs)
+        return old.kl(self.dist(params_new_T, obs))
+
+    def dist(self, params_T: Params, obs: Tensor) -> ActionDist:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class GaussianMLPPolicy(_MLPPolicyBase):
+    """Gaussian policy: mean = MLP(obs), state-independent learned log-std.
+
+    Parameters: the MLP's ``l{i}.w [in, out]``, ``l{i}.b [out]`` (PyTorch's
+    default ``nn.Linear`` initialisation) and ``log_std [act_dim]``
+    initialised to ``log(init_std)``.
+
+    Args:
+        obs_dim: observation size.
+        act_dim: action size.
+        hidden: hidden layer widths (MAML-RL PyTorch port: (64, 64); paper: (100, 100)).
+        activation: ``"tanh"`` (port) or ``"relu"`` (paper).
+        init_std: initial standard deviation of every action dimension (> 0).
+
+    References: Finn et al. 2017, section 5.3; Duan et al. 2016.
+    """
+
+    discrete = False
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64, 64),
+                 activation: str = "tanh", init_std: float = 1.0) -> None:
+        super().__init__(obs_dim, act_dim, hidden, activation)
+        if not init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {init_std}")
+        self.act_dim = act_dim
+        self.init_std = float(init_std)
+
+    def init(self, generator: torch.Generator, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> Params:
+        """Fresh meta-parameters (no task dimension)."""
+        params = self.mlp.init(generator, device=device, dtype=dtype)
+        params["log_std"] = torch.full((self.act_dim,), math.log(self.init_std), device=device,
+                                       dtype=dtype)
+        return params
+
+    def dist(self, params_T: Params, obs: Tensor) -> DiagGaussian:
+        """``obs [T, ..., obs_dim]`` -> Gaussian with mean ``[T, ..., act_dim]``."""
+        mean = self._forward(params_T, obs)  # [T, ..., act]
+        log_std = params_T["log_std"]  # [T, act]
+        log_std = log_std.reshape(log_std.shape[0], *([1] * (mean.dim() - 2)), self.act_dim)
+        return DiagGaussian(mean, log_std)
+
+
+class CategoricalMLPPolicy(_MLPPolicyBase):
+    """Categorical policy over ``n_actions`` discrete actions: logits = MLP(obs).
+
+    Args:
+        obs_dim: observation size.
+        n_actions: number of actions.
+        hidden: hidden layer widths.
+        activation: ``"tanh"`` or ``"relu"``.
+    """
+
+    discrete = True
+
+    def __init__(self, obs_dim: int, n_actions: int, hidden: Sequence[int] = (64, 64),
+                 activation: str = "tanh") -> None:
+        super().__init__(obs_dim, n_actions, hidden, activation)
+        self.n_actions = n_actions
+
+    def init(self, generator: torch.Generator, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> Params:
+        """Fresh meta-parameters (no task dimension)."""
+        return self.mlp.init(generator, device=device, dtype=dtype)
+
+    def dist(self, params_T: Params, obs: Tensor) -> Categorical:
+        """``obs [T, ..., obs_dim]`` -> Categorical with logits ``[T, ..., n_actions]``."""
+        return Categorical(self._forward(params_T, obs))

@@ -1,0 +1,153 @@
+"""The command line: training run folders, evaluation output, config precedence, errors."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from metarl import checkpoint
+from metarl.cli.main import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "sin"
+    r = run("train", "--family", "sinusoid", "--algo", "maml", "--iterations", 30,
+            "--log-every", 10, "--out", out, "--device", "cpu", "--family-opt", "hidden=[16,16]")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_train_writes_run_folder(trained):
+    cfg = json.loads((trained / "config.json").read_text())
+    assert cfg["iterations"] == 30 and cfg["inner_lr"] == 0.01 and cfg["meta_batch"] == 25
+    assert cfg["family_options"]["hidden"] == [16, 16]
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [10, 20, 30]
+    assert {"inner/loss_0", "outer/loss"} <= set(rows[0])
+    state = torch.load(trained / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] == 30 and state["theta"]["l0.w"].shape == (1, 16)
+    assert not list(trained.glob(".*.tmp"))
+
+
+def test_evaluate_json_and_plot(trained, tmp_path):
+    r = run("evaluate", trained, "--tasks", 50, "--steps", 3, "--shots", 5,
+            "--json", tmp_path / "e.json", "--plot", tmp_path / "e.png")
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "e.json").read_text())
+    assert d["family"] == "sinusoid" and d["algo"] == "maml" and d["metric"] == "mse"
+    assert d["steps"] == [0, 1, 2, 3] and d["n_tasks"] == 50
+    assert len(d["mean"]) == len(d["ci95"]) == 4 and all(c > 0 for c in d["ci95"])
+    assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the checkpoint file itself is accepted too, and the test seed is reproducible
+    r2 = run("evaluate", trained / "checkpoint.pt", "--tasks", 50, "--steps", 3, "--shots", 5,
+             "--json", tmp_path / "e2.json")
+    assert json.loads((tmp_path / "e2.json").read_text())["mean"] == d["mean"]
+
+
+def test_evaluate_ci_matches_formula(trained):
+    from metarl.evaluate import Curve
+
+    v = torch.tensor([[1.0, 2.0], [3.0, 2.0], [5.0, 2.0]])
+    c = Curve.from_values("x", v)
+    assert c.mean == [3.0, 2.0]
+    assert c.ci95[0] == pytest.approx(1.96 * 2.0 / 3 ** 0.5) and c.ci95[1] == 0.0
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text('algo = "fomaml"\niterations = 4\ninner_lr = 0.05\nmeta_batch = 3\n'
+                        '[family]\nhidden = [4]\nshots = 7\n')
+    out = tmp_path / "run"
+    r = run("train", "--config", cfg_file, "--iterations", 2, "--out", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["algo"] == "fomaml"          # from the file
+    assert cfg["iterations"] == 2           # the flag wins over the file
+    assert cfg["inner_lr"] == 0.05 and cfg["meta_batch"] == 3
+    assert cfg["outer_lr"] == 1e-3          # the family's default
+    assert cfg["family_options"] == {"hidden": [4], "shots": 7}
+
+
+def test_existing_run_is_not_overwritten(trained):
+    before = (trained / "checkpoint.pt").read_bytes()
+    r = run("train", "--iterations", 2, "--out", trained)
+    one_line_error(r, "already holds a checkpoint", "--resume", "--overwrite")
+    assert (trained / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_continues(tmp_path):
+    out = tmp_path / "r"
+    args = ["train", "--iterations", 5, "--log-every", 5, "--out", out, "--family-opt", "hidden=[4]"]
+    assert run(*args).exit_code == 0
+    r = run(*args[:2], 8, *args[3:], "--resume")
+    assert r.exit_code == 0, r.output
+    assert checkpoint.load(out)["iteration"] == 8
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in rows] == [5, 8]
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "--family", "sinusiod"], ["unknown family 'sinusiod'", "did you mean 'sinusoid'"]),
+    (["train", "--algo", "mamal", "--iterations", 1], ["unknown algorithm 'mamal'", "maml, fomaml"]),
+    (["train", "--outer", "trpo", "--iterations", 1], ["trpo", "adam or sgd"]),
+    (["train", "--device", "cuda", "--iterations", 1], ["CUDA is not available"]),
+    (["train", "--dtype", "float16", "--iterations", 1], ["unknown dtype 'float16'"]),
+    (["train", "--inner-lr", "-1", "--iterations", 1], ["inner lr must be positive"]),
+    (["train", "--family-opt", "oops"], ["is not KEY=VALUE"]),
+    (["train", "--config", "/nonexistent.toml"], ["config file", "does not exist"]),
+    (["evaluate", "/nonexistent/run"], ["does not exist", "run folder or a checkpoint"]),
+    (["families", "show", "navigatoin"], ["unknown family 'navigatoin'"]),
+    (["bench", "--section", "nope"], ["unknown bench section"]),
+])
+def test_bad_input_gives_one_line_and_exit_2(args, fragments, tmp_path):
+    one_line_error(run(*args, *(["--out", tmp_path / "o"] if args[0] == "train" else [])), *fragments)
+
+
+def test_bad_config_and_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("itrations = 3\n")
+    one_line_error(run("train", "--config", bad), "unknown keys ['itrations']")
+    bad.write_text("iterations = [\n")
+    one_line_error(run("train", "--config", bad), "not valid TOML")
+    ck = tmp_path / "checkpoint.pt"
+    ck.write_bytes(b"not a checkpoint")
+    one_line_error(run("evaluate", ck), "corrupt or not a metarl checkpoint")
+
+
+def test_families_list_and_show():
+    r = run("families")
+    assert r.exit_code == 0 and "sinusoid" in r.output
+    r = run("families", "show", "sinusoid")
+    assert r.exit_code == 0
+    assert "A ~ U[0.1, 5.0]" in r.output and "inner_lr = 0.01" in r.output
+
+
+def test_gradcheck_json(tmp_path):
+    r = run("gradcheck", "--steps", 2, "--tasks", 2, "--family-opt", "hidden=[6,6]",
+            "--cg-iters", 1, "--cg-iters", 100, "--json", tmp_path / "g.json")
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "g.json").read_text())
+    assert d["dtype"] == "float64" and d["steps"] == 2
+    m = d["methods"]
+    assert set(m) >= {"maml", "fomaml", "reptile", "imaml_cg1", "imaml_cg100", "finite_diff"}
+    assert set(m["maml"]) == {"rel_error", "cosine", "seconds", "peak_mb"}
+    assert m["maml"]["rel_error"] < 1e-10 and m["finite_diff"]["rel_error"] < 1e-6
+    assert m["imaml_cg100"]["rel_error"] < 1e-8 < m["imaml_cg1"]["rel_error"]
+    assert m["fomaml"]["rel_error"] > 1e-4 and m["maml"]["cosine"] == pytest.approx(1.0)
