@@ -58,5 +58,26 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return opts
 
 
+THREADS_HELP = ("Torch CPU threads (on a small shared machine 1 is often fastest). "
+                "[default: $METARL_THREADS, else torch's default]")
+
+
+def set_threads(n: int | None) -> None:
+    """Apply ``--threads`` (or ``$METARL_THREADS``); None leaves torch's default."""
+    import os
+
+    import torch
+
+    if n is None and os.environ.get("METARL_THREADS", "").strip():
+        try:
+            n = int(os.environ["METARL_THREADS"])
+        except ValueError:
+            raise UserError(f"METARL_THREADS={os.environ['METARL_THREADS']!r} is not an integer") from None
+    if n is not None:
+        if n < 1:
+            raise UserError(f"--threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+
+
 def is_tty() -> bool:
     return err.is_terminal and sys.stderr.isatty()

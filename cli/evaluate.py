@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from metarl.cli.common import err, out, user_errors
-from metarl import checkpoint
+from metarl.cli.common import THREADS_HELP, set_threads, err, out, user_errors
+from metarl import checkpoint, families
 from metarl.checkpoint import atomic_write
-from metarl.evaluate import evaluate_checkpoint
+from metarl.evaluate import evaluate_checkpoint, pretrained_baseline
 from metarl.plots import adaptation_curves
 
 
@@ -26,6 +26,9 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Test seed; test tasks never come from the training stream.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     baselines: Annotated[bool, typer.Option(help="Also evaluate the family's baselines (RL: random init, pretrained, oracle).")] = True,
+    pretrained: Annotated[Optional[Path], typer.Option(help="RL: the pretrained baseline's run or checkpoint. [default: RUN/pretrained, trained on first use]")] = None,
+    pretrain_iterations: Annotated[Optional[int], typer.Option(min=1, help="RL: iterations of the pretrained baseline when it must be trained. [default: the family's]")] = None,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the metric versus steps with 95% CI bands here.")] = None,
 ) -> None:
@@ -34,11 +37,24 @@ def evaluate(
     Example: metarl evaluate runs/sinusoid-maml --shots 5 --steps 10 --plot curve.png
     """
     with user_errors():
+        set_threads(threads)
         state = checkpoint.load(run)
         overrides = {k: v for k, v in (("shots", shots), ("query", query)) if v is not None}
+        pre = None
+        if baselines and getattr(families.make(state["config"]["family"],
+                                               **state["config"].get("family_options", {})),
+                                 "metric", "") == "return":
+            if pretrained is not None:
+                pre = checkpoint.load(pretrained)["theta"]
+            else:
+                n = pretrain_iterations or int(state["config"].get("extra", {}).get(
+                    "pretrain_iterations", 100))
+                err.print(f"pretrained baseline: {n} iterations on all tasks jointly, cached in "
+                          f"{checkpoint.resolve_path(run).parent / 'pretrained'}", markup=False)
+                pre = pretrained_baseline(str(run), state, iterations=n)
         ev = evaluate_checkpoint(state, n_tasks=tasks, steps=steps,
                                  lr=tuple(lr) if lr else None, seed=seed, device=device,
-                                 baselines=baselines, **overrides)
+                                 baselines=baselines, pretrained=pre, **overrides)
         table = Table(title=f"{ev.family} / {ev.algo}: {ev.metric} after k adaptation steps "
                             f"({ev.curve.n_tasks} test tasks, mean +- 95% CI)")
         table.add_column("k", justify="right")

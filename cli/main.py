@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from metarl.cli import bench, evaluate, families, gradcheck, train
+from metarl.cli import adapt, bench, evaluate, families, gradcheck, train
 
 app = typer.Typer(
     name="metarl",
@@ -15,6 +15,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command(rich_help_panel="Training")(train.train)
+app.command(rich_help_panel="Training")(adapt.adapt)
 app.command(rich_help_panel="Training")(evaluate.evaluate)
 app.add_typer(families.app, name="families", rich_help_panel="Families")
 app.command(rich_help_panel="Diagnostics")(gradcheck.gradcheck)

@@ -8,10 +8,11 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from metarl.cli.common import err, is_tty, parse_options, user_errors
+from metarl.cli.common import THREADS_HELP, set_threads, err, is_tty, parse_options, user_errors
 from metarl import config as C
 from metarl import families
 from metarl.train import check
+from metarl.types import DivergedError
 from metarl.train import train as run_training
 
 T, I, O, OUT = "Task", "Inner loop", "Outer loop", "Output"
@@ -22,7 +23,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def train(
-    family: Annotated[Optional[str], typer.Option(help="Task family: a registered name (see `metarl families`) or package.module:Factory. [default: sinusoid]", rich_help_panel=T)] = None,
+    family: Annotated[Optional[str], typer.Option(help="Task family: a registered name (see `metarl families`) or package.module:Factory. [default: navigation2d]", rich_help_panel=T)] = None,
     algo: Annotated[Optional[str], typer.Option(help="Meta-gradient: maml, fomaml, reptile or imaml. [default: the family's]", rich_help_panel=O)] = None,
     iterations: Annotated[Optional[int], typer.Option(min=1, help="Meta-iterations (outer updates). [default: the family's]", rich_help_panel=O)] = None,
     meta_batch: Annotated[Optional[int], typer.Option(min=1, help="Tasks per meta-iteration. [default: the family's]", rich_help_panel=O)] = None,
@@ -36,13 +37,18 @@ def train(
     shots: Annotated[Optional[int], typer.Option(min=1, help="Support examples per class/task at training (supervised families).", rich_help_panel=T)] = None,
     ways: Annotated[Optional[int], typer.Option(min=2, help="Classes per task (classification families).", rich_help_panel=T)] = None,
     query: Annotated[Optional[int], typer.Option(min=1, help="Query examples per class/task at training (supervised families).", rich_help_panel=T)] = None,
+    rollouts: Annotated[Optional[int], typer.Option(min=1, help="RL: trajectories per task per sampling (E). [default: the family's, 20]", rich_help_panel=T)] = None,
+    horizon: Annotated[Optional[int], typer.Option(min=1, help="RL: steps per trajectory (H). [default: the family's]", rich_help_panel=T)] = None,
+    estimator: Annotated[Optional[str], typer.Option(help="RL inner-loss estimator: reinforce (the paper's), lvc (low-variance curvature) or dice (unbiased second derivatives). [default: reinforce]", rich_help_panel=I)] = None,
+    max_kl: Annotated[Optional[float], typer.Option(help="TRPO: bound on the mean KL of the adapted policies. [default: 0.01]", rich_help_panel=O)] = None,
     family_opt: Annotated[Optional[list[str]], typer.Option(help="Any family option as KEY=VALUE (JSON values), repeatable: --family-opt hidden=[8,8].", rich_help_panel=T)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the initial parameters and training tasks. [default: 0]", rich_help_panel=O)] = None,
     device: Annotated[Optional[str], typer.Option(help="auto (CUDA when present), cpu or cuda. [default: auto]", rich_help_panel=O)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32 or float64. [default: float32]", rich_help_panel=O)] = None,
     log_every: Annotated[Optional[int], typer.Option(min=1, help="Write a metrics.jsonl line every N iterations.", rich_help_panel=OUT)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(min=1, help="Write checkpoint.pt every N iterations (and at the end). [default: 1000]", rich_help_panel=OUT)] = None,
-    config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (keys as these options with underscores, a [family] table for family options); flags override it.", rich_help_panel=OUT)] = None,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, rich_help_panel=O)] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (keys as these options with underscores, a [family_options] table); flags override it.", rich_help_panel=OUT)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder for config.json, metrics.jsonl and checkpoint.pt. [default: runs/FAMILY-ALGO]", rich_help_panel=OUT)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.", rich_help_panel=OUT)] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its checkpoint up to --iterations.", rich_help_panel=OUT)] = False,
@@ -50,15 +56,19 @@ def train(
     """Meta-train a model on a task family and write a run folder.
 
     Settings come from the family's defaults (the published hyperparameters),
-    then --config, then flags. Example:
+    then --config, then flags. Examples:
 
-        metarl train --family sinusoid --algo maml --iterations 70000 --out runs/sin
+        metarl train                                  (MAML-TRPO on navigation2d)
+
+        metarl train --family sinusoid --algo imaml --out runs/sin
     """
     with user_errors():
+        set_threads(threads)
         file_values = C.read_config_file(config) if config else {}
-        name = family or file_values.get("family") or "sinusoid"
+        name = family or file_values.get("family") or "navigation2d"
         options = {**file_values.get("family_options", {}), **parse_options(family_opt)}
-        for key, value in (("shots", shots), ("ways", ways), ("query", query)):
+        for key, value in (("shots", shots), ("ways", ways), ("query", query),
+                           ("rollouts", rollouts), ("horizon", horizon), ("estimator", estimator)):
             if value is not None:
                 options[key] = value
         fam = families.make(name, **options)
@@ -67,7 +77,8 @@ def train(
                  "outer_lr": outer_lr, "imaml_lam": imaml_lam, "imaml_cg_iters": cg_iters,
                  "imaml_cg_damping": cg_damping, "seed": seed, "device": device, "dtype": dtype,
                  "log_every": log_every, "checkpoint_every": checkpoint_every,
-                 "family": name, "family_options": options}
+                 "family": name, "family_options": options,
+                 "extra": {"max_kl": max_kl} if max_kl is not None else None}
         cfg = C.resolve(fam, {k: v for k, v in file_values.items() if k != "family_options"}, flags)
         run_dir = out or Path("runs") / f"{fam.name}-{cfg.algo}"
         check(cfg, fam, run_dir, overwrite=overwrite, resume=resume)
@@ -94,6 +105,10 @@ def train(
                 err.print(f"interrupted; checkpoint of the last finished iteration is in {run_dir}",
                           markup=False)
                 raise typer.Exit(code=130) from None
+            except DivergedError as e:
+                err.print(f"error: training diverged: {e}; the last finite checkpoint is in "
+                          f"{run_dir}", markup=False)
+                raise typer.Exit(code=1) from None
         err.print(f"done: {result.iterations} iterations in {result.seconds:.1f} s "
                   f"({1e3 * result.seconds / max(result.iterations, 1):.2f} ms/it); "
                   f"{_fmt(result.metrics)}", markup=False)

@@ -101,7 +101,9 @@ def family_defaults(family: Family) -> dict[str, Any]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config: top-level keys are TrainConfig fields, ``[family]`` holds family options."""
+    """Read a TOML config: top-level keys are TrainConfig fields (``family = "sinusoid"``,
+    ``iterations = 1000``, ...), the ``[family_options]`` table holds the family's options
+    and ``[extra]`` outer-optimizer settings (``max_kl``, ...)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist: give the path of a TOML file")
@@ -110,12 +112,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
     opts = values.pop("family_options", {})
-    if isinstance(values.get("family"), dict):
-        opts = {**opts, **values.pop("family")}
     unknown = sorted(set(values) - FIELDS)
     if unknown:
         raise ConfigError(f"config file {str(p)!r} has unknown keys {unknown}: known keys are "
-                          f"{', '.join(sorted(FIELDS - {'family_options'}))} and a [family] table")
+                          f"{', '.join(sorted(FIELDS - {'family_options', 'extra'}))} and the tables "
+                          "[family_options] and [extra]")
     if opts:
         values["family_options"] = opts
     return values
@@ -135,7 +136,7 @@ def resolve(family: Family, *layers: dict[str, Any]) -> TrainConfig:
             if k == "family_options":
                 options.update(v)
             elif k == "extra":
-                extra.update(v)
+                extra.update({kk: vv for kk, vv in v.items() if vv is not None})
             else:
                 merged[k] = v
     try:

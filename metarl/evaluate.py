@@ -63,12 +63,17 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
         batch = family.sample_batch(T, gen, split="test", device=device, dtype=dtype, **overrides)
         phi = P.expand(theta, T)
         vals = []
+        # RL: the return at step j is that of the trajectories phi_j samples to adapt on;
+        # supervised: the metric is taken on the query set, adaptation on the support set
+        on_inner = getattr(batch, "scores_inner_data", False)
         for j in range(steps + 1):
+            data = batch.inner_data(phi) if on_inner else None
             with torch.no_grad():
-                vals.append(batch.metric(phi, batch.outer_data(phi)).double().cpu())
+                scored = data if on_inner else batch.outer_data(phi)
+                vals.append(batch.metric(phi, scored).double().cpu())
             if j < steps:
-                phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)),
-                            create_graph=False).phi
+                phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)), create_graph=False,
+                            data=[data] if on_inner else None).phi
         rows.append(torch.stack(vals, 1))  # [T, K+1]
     return torch.cat(rows)
 
@@ -100,7 +105,8 @@ class Evaluation:
 def evaluate_checkpoint(state: dict[str, Any], *, n_tasks: int | None = None,
                         steps: int | None = None, lr: tuple[float, ...] | None = None,
                         seed: int = 0, device: str = "auto", chunk: int | None = None,
-                        baselines: bool = True, **overrides: Any) -> Evaluation:
+                        baselines: bool = True, pretrained: Params | None = None,
+                        **overrides: Any) -> Evaluation:
     """Meta-test the parameters of a checkpoint on fresh test tasks.
 
     Defaults (tasks, steps, test-time inner lr) come from the family. Families
@@ -127,6 +133,35 @@ def evaluate_checkpoint(state: dict[str, Any], *, n_tasks: int | None = None,
                                   **overrides})
     extra = getattr(family, "baselines", None)
     if baselines and extra is not None:
-        curves, hlines = extra(theta=theta, config=cfg, **common)
+        kw = {"pretrained": P.to(pretrained, dev, dtype)} if pretrained is not None else {}
+        curves, hlines = extra(theta=theta, config=cfg, **common, **kw)
         result.baselines, result.hlines = list(curves), dict(hlines)
     return result
+
+
+def pretrained_baseline(run_or_checkpoint: str, state: dict[str, Any], *, iterations: int,
+                        progress: Any = None) -> Params:
+    """The "pretrained on all tasks jointly" baseline of a run, trained once and cached.
+
+    It is the run's own configuration with no inner step (the meta-objective is
+    then the ordinary objective averaged over tasks), trained for
+    ``iterations`` with the same outer optimizer and seed, and stored in the
+    ``pretrained/`` folder next to the run's checkpoint.
+    """
+    from pathlib import Path
+
+    from metarl import checkpoint as ck
+    from metarl.train import load_config, train
+
+    path = ck.resolve_path(run_or_checkpoint)
+    cache = path.parent / "pretrained"
+    if (cache / ck.CHECKPOINT).is_file():
+        cached = ck.load(cache)
+        if int(cached["iteration"]) >= iterations:
+            return cached["theta"]
+    from dataclasses import replace
+
+    cfg = replace(load_config(state), algo="maml", inner_steps=0, iterations=iterations,
+                  log_every=max(1, iterations // 10), checkpoint_every=iterations)
+    train(cfg, Path(cache), overwrite=True, progress=progress)
+    return ck.load(cache)["theta"]

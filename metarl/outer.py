@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from metarl.algorithms.base import MetaGrad
-from metarl.types import ConfigError, Params, TaskBatch
+from metarl.types import ConfigError, Params, TaskBatch, check_finite
 
 Compute = Callable[[Params, TaskBatch], MetaGrad]
 """``(theta, batch) -> MetaGrad``: the chosen algorithm with its settings bound."""
@@ -44,6 +44,7 @@ class GradientOuter:
 
     def step(self, theta: Params, batch: TaskBatch, compute: Compute) -> MetaGrad:
         mg = compute(theta, batch)
+        check_finite(mg.grad, "the meta-gradient")
         for k, p in theta.items():
             p.grad = mg.grad[k].detach().to(p.dtype)
         self.opt.step()

@@ -29,11 +29,16 @@ def clone_leaf(params: Params) -> Params:
 
 
 def grads(loss: Tensor, params: Params, *, create_graph: bool = False,
-          retain_graph: bool | None = None) -> Params:
-    """``d loss / d params`` as a tree. Parameters the loss does not use get zeros."""
+          retain_graph: bool | None = None, allow_unused: bool = False) -> Params:
+    """``d loss / d params`` as a tree.
+
+    A parameter the loss does not depend on is an error unless ``allow_unused``
+    (then its gradient is zeros): silently zero gradients hide a loss computed
+    on other tensors than the ones differentiated.
+    """
     keys = list(params)
     gs = torch.autograd.grad(loss, [params[k] for k in keys], create_graph=create_graph,
-                             retain_graph=retain_graph, allow_unused=True)
+                             retain_graph=retain_graph, allow_unused=allow_unused)
     return {k: (torch.zeros_like(params[k]) if g is None else g) for k, g in zip(keys, gs)}
 
 

@@ -18,7 +18,8 @@ from metarl.algorithms import meta_grad
 from metarl.config import TrainConfig
 from metarl.families import Family
 from metarl.outer import GradientOuter, OuterOptimizer
-from metarl.types import ConfigError, Params, TaskBatch, resolve_device, resolve_dtype
+from metarl.types import (ConfigError, DivergedError, Params, TaskBatch, resolve_device,
+                          resolve_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                 show = it % max(1, min(cfg.log_every, 10)) == 0 or it == cfg.iterations
                 if show or it % cfg.log_every == 0:
                     metrics = mg.metrics()
+                    metrics.update(return_metrics(batch, mg))
                 if it % cfg.log_every == 0 or it == cfg.iterations:
                     row = {"iteration": it, "seconds": round(time.perf_counter() - t0, 3), **metrics}
                     log_file.write(json.dumps(row) + "\n")
@@ -135,12 +137,26 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                     save(it)
                 if progress is not None:
                     progress(it, metrics if show else None)
-        except KeyboardInterrupt:
-            save(it - 1 if it > start else start)
+        except (KeyboardInterrupt, DivergedError):
+            save(it - 1 if it > start else start)  # the last finished, finite iteration
             raise
     save(cfg.iterations)
     return RunResult(out=out, iterations=cfg.iterations - start,
                      seconds=time.perf_counter() - t0, metrics=metrics)
+
+
+def return_metrics(batch: TaskBatch, mg: Any) -> dict[str, float]:
+    """RL: mean return of the trajectories before adaptation and after it."""
+    if not getattr(batch, "scores_inner_data", False):
+        return {}
+    m: dict[str, float] = {}
+    with torch.no_grad():
+        if mg.outer_data is not None:
+            m["return/post"] = float(batch.metric(mg.phi, mg.outer_data).mean())
+        first = mg.inner_data[0] if mg.inner_data else mg.outer_data
+        if first is not None:
+            m["return/pre"] = float(batch.metric(mg.phi, first).mean())
+    return m
 
 
 def load_config(state: dict[str, Any]) -> TrainConfig:

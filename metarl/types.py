@@ -61,6 +61,18 @@ class ConfigError(ValueError):
     """A user-facing configuration problem: the message names the bad value and the fix."""
 
 
+class DivergedError(RuntimeError):
+    """Training produced a non-finite meta-gradient; theta was left at its last finite value."""
+
+
+def check_finite(grad: dict[str, Tensor], what: str) -> None:
+    """Raise :class:`DivergedError` naming the first non-finite leaf of ``grad``."""
+    for k, v in grad.items():
+        if not bool(torch.isfinite(v).all()):
+            raise DivergedError(f"{what} is not finite in {k!r}: lower the inner or outer learning "
+                                "rate (iMAML: raise --lam so that I + H/lam stays positive definite)")
+
+
 def check_task_losses(loss: Tensor, n_tasks: int, what: str) -> Tensor:
     """Raise a readable error unless ``loss`` has shape ``[n_tasks]``."""
     if loss.shape != (n_tasks,):

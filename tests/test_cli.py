@@ -72,8 +72,8 @@ def test_evaluate_ci_matches_formula(trained):
 
 def test_config_file_and_flag_precedence(tmp_path):
     cfg_file = tmp_path / "c.toml"
-    cfg_file.write_text('algo = "fomaml"\niterations = 4\ninner_lr = 0.05\nmeta_batch = 3\n'
-                        '[family]\nhidden = [4]\nshots = 7\n')
+    cfg_file.write_text('family = "sinusoid"\nalgo = "fomaml"\niterations = 4\ninner_lr = 0.05\nmeta_batch = 3\n'
+                        '[family_options]\nhidden = [4]\nshots = 7\n')
     out = tmp_path / "run"
     r = run("train", "--config", cfg_file, "--iterations", 2, "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
@@ -87,14 +87,15 @@ def test_config_file_and_flag_precedence(tmp_path):
 
 def test_existing_run_is_not_overwritten(trained):
     before = (trained / "checkpoint.pt").read_bytes()
-    r = run("train", "--iterations", 2, "--out", trained)
+    r = run("train", "--family", "sinusoid", "--iterations", 2, "--out", trained)
     one_line_error(r, "already holds a checkpoint", "--resume", "--overwrite")
     assert (trained / "checkpoint.pt").read_bytes() == before
 
 
 def test_resume_continues(tmp_path):
     out = tmp_path / "r"
-    args = ["train", "--iterations", 5, "--log-every", 5, "--out", out, "--family-opt", "hidden=[4]"]
+    args = ["train", "--iterations", 5, "--log-every", 5, "--out", out, "--family", "sinusoid",
+            "--family-opt", "hidden=[4]"]
     assert run(*args).exit_code == 0
     r = run(*args[:2], 8, *args[3:], "--resume")
     assert r.exit_code == 0, r.output
@@ -105,12 +106,13 @@ def test_resume_continues(tmp_path):
 
 @pytest.mark.parametrize("args, fragments", [
     (["train", "--family", "sinusiod"], ["unknown family 'sinusiod'", "did you mean 'sinusoid'"]),
-    (["train", "--algo", "mamal", "--iterations", 1], ["unknown algorithm 'mamal'", "maml, fomaml"]),
-    (["train", "--outer", "trpo", "--iterations", 1], ["trpo", "adam or sgd"]),
+    (["train", "--family", "sinusoid", "--algo", "mamal", "--iterations", 1], ["unknown algorithm 'mamal'", "maml, fomaml"]),
+    (["train", "--family", "sinusoid", "--outer", "trpo", "--iterations", 1], ["trpo", "adam or sgd"]),
     (["train", "--device", "cuda", "--iterations", 1], ["CUDA is not available"]),
     (["train", "--dtype", "float16", "--iterations", 1], ["unknown dtype 'float16'"]),
     (["train", "--inner-lr", "-1", "--iterations", 1], ["inner lr must be positive"]),
     (["train", "--family-opt", "oops"], ["is not KEY=VALUE"]),
+    (["train", "--threads", "0"], ["--threads must be >= 1"]),
     (["train", "--config", "/nonexistent.toml"], ["config file", "does not exist"]),
     (["evaluate", "/nonexistent/run"], ["does not exist", "run folder or a checkpoint"]),
     (["families", "show", "navigatoin"], ["unknown family 'navigatoin'"]),

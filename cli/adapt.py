@@ -1,0 +1,57 @@
+"""``metarl adapt``: adapt a meta-trained policy to one new task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from metarl import checkpoint, families
+from metarl.cli.common import THREADS_HELP, set_threads, UserError, err, out, user_errors
+from metarl.rl.family import RLFamily, adapt_steps, parse_task_json
+from metarl.types import resolve_device, resolve_dtype
+
+
+def adapt(
+    run: Annotated[Path, typer.Argument(help="A run folder, a checkpoint, or a policy saved by an earlier `metarl adapt`.")],
+    task: Annotated[str, typer.Option(help='The task as JSON, e.g. \'{"goal": [0.3, -0.2]}\' for navigation2d (see `metarl families show`).')],
+    steps: Annotated[int, typer.Option(min=0, help="Adaptation steps.")] = 1,
+    rollouts: Annotated[Optional[int], typer.Option(min=1, help="Trajectories per step. [default: the family's]")] = None,
+    lr: Annotated[Optional[list[float]], typer.Option(help="Inner learning rate; repeat for one per step (--lr 0.1 --lr 0.05). [default: the family's test-time rates]")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled trajectories.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP)] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", help="Save the adapted policy here (a checkpoint that metarl adapt/evaluate load again).")] = None,
+) -> None:
+    """Adapt to one new task in a few rollouts; print the average return before and after each step.
+
+    Example: metarl adapt runs/navigation2d-maml --task '{"goal": [0.3, -0.2]}' --steps 2 --out adapted.pt
+    """
+    with user_errors():
+        set_threads(threads)
+        state = checkpoint.load(run)
+        cfg = state["config"]
+        family = families.make(cfg["family"], **cfg.get("family_options", {}))
+        if not isinstance(family, RLFamily):
+            raise UserError(f"metarl adapt is for RL families; {family.name!r} is supervised: use "
+                            "metarl evaluate")
+        spec = parse_task_json(family, task)
+        rates = tuple(lr) if lr else (family.defaults.eval_lr or (float(cfg["inner_lr"]),))
+        dev, dtype = resolve_device(device), resolve_dtype(cfg.get("dtype", "float32"))
+        phi, returns = adapt_steps(family, state["theta"], spec, steps=steps, lr=rates,
+                                   rollouts=rollouts, seed=seed, device=dev, dtype=dtype)
+        table = Table(title=f"{family.name}: adapting to {spec}")
+        table.add_column("after step", justify="right")
+        table.add_column("average return", justify="right")
+        for j, r in enumerate(returns):
+            table.add_row(str(j), f"{r:.3f}")
+        out.print(table)
+        if out_path is not None:
+            adapted = {"task": spec, "steps": steps, "lr": list(rates), "seed": seed,
+                       "returns": returns, "from": str(run)}
+            history = list(state.get("adapted_history", [])) + [adapted]
+            checkpoint.save(out_path, theta=phi, config=cfg, iteration=int(state["iteration"]),
+                            adapted=adapted, adapted_history=history)
+            err.print(f"saved the adapted policy to {out_path}", markup=False)

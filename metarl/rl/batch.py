@@ -1,0 +1,166 @@
+"""The RL task batch: trajectories sampled with the current parameters are the data.
+
+``inner_data(phi_j)`` samples E trajectories per task with phi_j (no gradient
+through the simulator), so every inner step adapts on trajectories of the
+current policy; ``outer_data(phi_k)`` samples new ones with the adapted policy.
+Losses are pure functions of the parameters on given trajectories, so TRPO's
+line search, iMAML's Hessian-vector products and gradient tests re-evaluate them
+on the same data without resampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metarl import params as P
+from metarl.rl.baseline import LinearFeatureBaseline
+from metarl.rl.policies import Policy
+from metarl.rl.returns import discounted_returns, gae, normalize
+from metarl.rl.sampler import BatchEnv, Rollouts, sample
+from metarl.types import ConfigError, Params
+
+ESTIMATORS = ("reinforce", "lvc", "dice")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLConfig:
+    """How trajectories are sampled and turned into advantages."""
+
+    rollouts: int = 20
+    """Trajectories per task per sampling (E)."""
+    horizon: int = 100
+    """Steps per trajectory (H)."""
+    gamma: float = 0.99
+    """Discount."""
+    gae_lambda: float = 1.0
+    """GAE lambda (1.0: discounted returns minus the baseline)."""
+    normalize_advantages: bool = True
+    """Normalise advantages per task (mean 0, std 1 over valid steps)."""
+    estimator: str = "reinforce"
+    """Inner-loss estimator: "reinforce" (the plain surrogate of the MAML paper),
+    "lvc" (ProMP's low-variance curvature) or "dice" (unbiased derivatives of any
+    order). All three have the same value and first derivative; they differ in
+    the second derivative, i.e. in the MAML meta-gradient."""
+
+    def __post_init__(self) -> None:
+        if self.rollouts < 1 or self.horizon < 1:
+            raise ConfigError(f"rollouts and horizon must be >= 1, got {self.rollouts}, {self.horizon}")
+        if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
+            raise ConfigError(f"need 0 < gamma <= 1 and 0 <= gae_lambda <= 1, got {self.gamma}, "
+                              f"{self.gae_lambda}")
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"unknown estimator {self.estimator!r}: use one of {', '.join(ESTIMATORS)}")
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    """Sampled rollouts with their advantages (the data of an RL loss)."""
+
+    rollouts: Rollouts
+    advantages: Tensor
+    """``[T, E, H]`` (0 where the mask is 0)."""
+    discounted_rewards: Tensor
+    """``[T, E, H]``: gamma^h r_h (for DiCE)."""
+    values: Tensor
+    """``[T, E, H]`` baseline predictions."""
+
+
+def masked_task_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x [T, E, H]`` over each task's valid steps: ``[T]``."""
+    return (x * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1.0)
+
+
+def magic_box(x: Tensor) -> Tensor:
+    """DiCE's operator: evaluates to 1, differentiates as d/dx exp(x)."""
+    return torch.exp(x - x.detach())
+
+
+class RLBatch:
+    """A :class:`~metarl.types.TaskBatch` of T RL tasks.
+
+    Args:
+        policy: the policy, evaluated with per-task parameters.
+        env: the batch of environments (T x E).
+        tasks: T task specs.
+        cfg: sampling and advantage settings.
+        seed: seeds every sampling call; call i uses ``seed + i``, so a batch is
+            reproducible and no two calls share action noise.
+    """
+
+    def __init__(self, policy: Policy, env: BatchEnv, tasks: Sequence[Mapping[str, Any]],
+                 cfg: RLConfig, seed: int, baseline: LinearFeatureBaseline | None = None) -> None:
+        self.policy, self.env, self.tasks, self.cfg = policy, env, list(tasks), cfg
+        self.n_tasks = len(self.tasks)
+        self.seed = int(seed)
+        self.calls = 0
+        self.baseline = baseline or LinearFeatureBaseline()
+        self.scores_inner_data = True  # evaluation reads returns off the adaptation trajectories
+
+    # data -----------------------------------------------------------------
+    def sample(self, params: Params) -> Trajectories:
+        """Sample with ``params`` (detached) and compute advantages."""
+        roll = sample(self.policy, P.detach(params), self.env, self.tasks, self.cfg.rollouts,
+                      self.cfg.horizon, self.seed + self.calls)
+        self.calls += 1
+        return self.process(roll)
+
+    def process(self, roll: Rollouts) -> Trajectories:
+        c = self.cfg
+        ret = discounted_returns(roll.rewards, roll.mask, c.gamma)  # [T, E, H]
+        values = self.baseline.fit_predict(roll.obs, ret, roll.mask).to(ret.dtype)  # [T, E, H]
+        adv = gae(roll.rewards, values, roll.mask, c.gamma, c.gae_lambda)  # [T, E, H]
+        if c.normalize_advantages:
+            adv = normalize(adv, roll.mask)
+        H = roll.rewards.shape[-1]
+        disc = c.gamma ** torch.arange(H, device=ret.device, dtype=ret.dtype)  # [H]
+        return Trajectories(roll, adv * roll.mask, roll.rewards * disc, values * disc * roll.mask)
+
+    inner_data = sample
+    outer_data = sample
+
+    # losses ---------------------------------------------------------------
+    def log_probs(self, params: Params, data: Trajectories) -> Tensor:
+        r = data.rollouts
+        return self.policy.dist(params, r.obs).log_prob(r.actions)  # [T, E, H]
+
+    def inner_loss(self, params: Params, data: Trajectories) -> Tensor:
+        """Per-task adaptation loss ``[T]``: minus the chosen policy-gradient surrogate.
+
+        reinforce: ``-mean(log pi * A)``; lvc: ``-mean(pi / sg(pi) * A)``;
+        dice (Foerster et al. 2018, with the baseline of Mao et al. 2019):
+        ``-(sum_h box(sum_{h'<=h} log pi_h') g^h r_h + (1 - box(log pi_h)) g^h b_h) / n``.
+        """
+        r = data.rollouts
+        logp = self.log_probs(params, data) * r.mask  # [T, E, H]
+        est = self.cfg.estimator
+        if est == "reinforce":
+            return -masked_task_mean(logp * data.advantages, r.mask)
+        if est == "lvc":
+            return -masked_task_mean(magic_box(logp) * data.advantages, r.mask)
+        # dice: returns are summed over time, so divide by the valid steps per task as the others
+        deps = magic_box(logp.cumsum(-1))  # [T, E, H]
+        base = (1.0 - magic_box(logp)) * data.values  # [T, E, H]
+        total = (deps * data.discounted_rewards + base) * r.mask
+        return -total.sum((1, 2)) / r.mask.sum((1, 2)).clamp_min(1.0)
+
+    def outer_loss(self, params: Params, data: Trajectories) -> Tensor:
+        """Per-task meta-objective ``[T]``: ``-mean(pi / pi_old * A)`` on post-adaptation
+        trajectories (the importance-weighted surrogate of TRPO; its gradient at the
+        sampling parameters is the policy gradient)."""
+        r = data.rollouts
+        ratio = torch.exp(self.log_probs(params, data) - r.log_probs)  # [T, E, H]
+        return -masked_task_mean(ratio * data.advantages, r.mask)
+
+    def kl(self, old: Params, new: Params, data: Trajectories) -> Tensor:
+        """Mean KL(pi_old || pi_new) over each task's valid steps: ``[T]``."""
+        r = data.rollouts
+        return masked_task_mean(self.policy.kl(old, new, r.obs), r.mask)
+
+    def metric(self, params: Params, data: Trajectories) -> Tensor:
+        """Average undiscounted return of the trajectories: ``[T]``."""
+        return data.rollouts.mean_return()

@@ -1,0 +1,252 @@
+"""RL task families: the public protocol a user implements, and everything built on it.
+
+A user's family subclasses :class:`RLFamily` and implements two methods:
+
+    class PendulumGravity(RLFamily):
+        name = "pendulum-gravity"
+        description = "Pendulum-v1 with gravity g ~ U[5, 15]"
+
+        def sample_tasks(self, n, rng):            # rng: numpy Generator
+            return [{"g": float(g)} for g in rng.uniform(5, 15, n)]
+
+        def make_env(self, task):                  # a plain Gymnasium env for one task
+            return gymnasium.make("Pendulum-v1", g=task["g"])
+
+Training, adaptation, evaluation, TRPO and the sampler then work unchanged:
+the family's environments are stepped together (T tasks x E episodes) through
+:class:`~metarl.rl.sampler.GymBatchEnv`, with one batched policy call per
+time step. A family whose physics is simple may also provide a tensor
+implementation by overriding :meth:`RLFamily.batch_env`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import gymnasium
+import numpy as np
+import torch
+from torch import Tensor
+
+from metarl.families import Defaults
+from metarl.inner import InnerConfig
+from metarl.rl.batch import RLBatch, RLConfig
+from metarl.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy, Policy
+from metarl.rl.sampler import BatchEnv, GymBatchEnv
+from metarl.rl.trpo import TRPO, TRPOConfig, make_readapt
+from metarl.types import ConfigError, Params
+
+Task = dict[str, Any]
+
+RL_DEFAULTS = Defaults(
+    algo="maml", outer="trpo", iterations=500, meta_batch=20, inner_steps=1, inner_lr=0.1,
+    outer_lr=1e-3, eval_steps=3, eval_tasks=40, eval_lr=(0.1, 0.05), log_every=10,
+    imaml_lam=1.0, imaml_cg_iters=5,
+    extra={"max_kl": 0.01, "cg_iters": 10, "damping": 1e-5, "ls_steps": 15, "ls_backtrack": 0.8,
+           "pretrain_iterations": 100},
+)
+"""The MAML-RL hyperparameters of REFERENCE.md (paper and its PyTorch port)."""
+
+
+class RLFamily:
+    """Base class of RL task families.
+
+    Subclasses set ``name`` and ``description`` and implement
+    :meth:`sample_tasks` and :meth:`make_env`; they may override
+    :meth:`batch_env` (tensor physics), :meth:`check_task`,
+    :meth:`oracle_returns` and ``defaults``.
+
+    Args:
+        rollouts: trajectories per task per sampling (E).
+        horizon: steps per trajectory (H); None: ``default_horizon``.
+        gamma, gae_lambda: discount and GAE lambda.
+        estimator: inner-loss estimator, "reinforce", "lvc" or "dice".
+        hidden, activation: the policy MLP.
+        init_std: initial standard deviation of a Gaussian policy.
+    """
+
+    name = "rl-family"
+    description = "an RL task family"
+    metric = "return"
+    higher_is_better = True
+    defaults = RL_DEFAULTS
+    default_horizon = 100
+    default_hidden: tuple[int, ...] = (64, 64)
+    """The PyTorch port's policy (the paper used 2 x 100 ReLU: hidden=[100,100], activation=relu)."""
+    default_activation = "tanh"
+
+    def __init__(self, rollouts: int = 20, horizon: int | None = None, gamma: float = 0.99,
+                 gae_lambda: float = 1.0, estimator: str = "reinforce",
+                 hidden: Sequence[int] | None = None, activation: str | None = None,
+                 init_std: float = 1.0) -> None:
+        self.rl = RLConfig(rollouts=int(rollouts), horizon=int(horizon or self.default_horizon),
+                           gamma=float(gamma), gae_lambda=float(gae_lambda), estimator=estimator)
+        self.hidden = tuple(int(h) for h in (hidden or self.default_hidden))
+        self.activation = activation or self.default_activation
+        self.init_std = float(init_std)
+        self._policy: Policy | None = None
+        self._envs: dict[tuple[str, str, int], BatchEnv] = {}
+
+    # --- what a user implements ---------------------------------------------
+    def sample_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
+        """``n`` JSON-serialisable task specs drawn with ``rng``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sample_tasks(n, rng)")
+
+    def make_env(self, task: Mapping[str, Any]) -> gymnasium.Env:
+        """A Gymnasium environment for one task."""
+        raise NotImplementedError(f"{type(self).__name__} must implement make_env(task)")
+
+    # --- optional overrides ---------------------------------------------------
+    def batch_env(self, device: torch.device, dtype: torch.dtype) -> BatchEnv:
+        """The T x E environments the sampler steps (default: plain Gymnasium envs on CPU)."""
+        return GymBatchEnv(self.make_env, device=device, dtype=dtype)
+
+    def check_task(self, task: Any) -> Task:
+        """Validate a user's task spec (``metarl adapt --task``); raise ValueError naming the fix."""
+        if not isinstance(task, Mapping):
+            raise ValueError(f"a task spec is a JSON object, got {type(task).__name__}")
+        return dict(task)
+
+    def oracle_returns(self, tasks: Sequence[Task], device: torch.device,
+                       dtype: torch.dtype) -> Tensor | None:
+        """Average return ``[T]`` of a policy given the task, if the family defines one."""
+        return None
+
+    # --- built on the protocol ------------------------------------------------
+    def options(self) -> dict[str, Any]:
+        c = self.rl
+        return {"rollouts": c.rollouts, "horizon": c.horizon, "gamma": c.gamma,
+                "gae_lambda": c.gae_lambda, "estimator": c.estimator, "hidden": list(self.hidden),
+                "activation": self.activation, "init_std": self.init_std}
+
+    def describe(self) -> str:
+        return "\n".join([
+            (type(self).__doc__ or self.description).strip(),
+            f"sampling: {self.rl.rollouts} trajectories per task, horizon {self.rl.horizon}, "
+            f"gamma {self.rl.gamma}, GAE lambda {self.rl.gae_lambda}, inner estimator "
+            f"{self.rl.estimator}",
+            f"policy: {'Gaussian' if self._continuous() else 'categorical'} MLP "
+            f"{'-'.join(map(str, self.hidden))} {self.activation}",
+        ])
+
+    def _spaces(self) -> tuple[gymnasium.Space, gymnasium.Space]:
+        if not hasattr(self, "_space_cache"):
+            env = self.make_env(self.sample_tasks(1, np.random.default_rng(0))[0])
+            self._space_cache = (env.observation_space, env.action_space)
+            env.close()
+        return self._space_cache
+
+    def _continuous(self) -> bool:
+        return isinstance(self._spaces()[1], gymnasium.spaces.Box)
+
+    def policy(self) -> Policy:
+        if self._policy is None:
+            obs_space, act_space = self._spaces()
+            obs_dim = int(np.prod(obs_space.shape))
+            if isinstance(act_space, gymnasium.spaces.Box):
+                self._policy = GaussianMLPPolicy(obs_dim, int(np.prod(act_space.shape)),
+                                                 self.hidden, self.activation, self.init_std)
+            elif isinstance(act_space, gymnasium.spaces.Discrete):
+                self._policy = CategoricalMLPPolicy(obs_dim, int(act_space.n), self.hidden,
+                                                    self.activation)
+            else:
+                raise ConfigError(f"family {self.name!r}: action space {act_space} is neither Box "
+                                  "nor Discrete")
+        return self._policy
+
+    def init_params(self, generator: torch.Generator, device: torch.device,
+                    dtype: torch.dtype) -> Params:
+        return self.policy().init(generator, device, dtype)
+
+    def _env(self, device: torch.device, dtype: torch.dtype, n: int) -> BatchEnv:
+        key = (str(device), str(dtype), n)
+        if key not in self._envs:
+            self._envs[key] = self.batch_env(device, dtype)
+        return self._envs[key]
+
+    def batch_for(self, tasks: Sequence[Task], seed: int, *, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32, rollouts: int | None = None) -> RLBatch:
+        """An :class:`RLBatch` for given task specs."""
+        cfg = self.rl if rollouts is None else RLConfig(**{**self.rl.__dict__, "rollouts": rollouts})
+        device = torch.device(device)
+        return RLBatch(self.policy(), self._env(device, dtype, len(tasks)), tasks, cfg, seed)
+
+    def sample_batch(self, n_tasks: int, generator: torch.Generator, *, split: str = "train",
+                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                     rollouts: int | None = None) -> RLBatch:
+        """T tasks from the task distribution (train and test draw from the same one,
+        with different seeds)."""
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        tasks = self.sample_tasks(n_tasks, np.random.default_rng(seed))
+        return self.batch_for(tasks, seed * 1000, device=device, dtype=dtype, rollouts=rollouts)
+
+    def make_outer(self, cfg: Any, theta: Params) -> TRPO:
+        """TRPO for ``metarl train --outer trpo``, settings from ``defaults.extra`` and ``cfg.extra``."""
+        settings = {**self.defaults.extra, **cfg.extra}
+        readapt = make_readapt(cfg.algo, cfg.inner, cfg.imaml_lam)
+        return TRPO(TRPOConfig.from_dict(settings), readapt, through_adaptation=cfg.algo == "maml",
+                    inner=cfg.inner)
+
+    def baselines(self, *, theta: Params, config: dict[str, Any], n_tasks: int, steps: int,
+                  lr: tuple[float, ...], seed: int, device: torch.device, dtype: torch.dtype,
+                  chunk: int, pretrained: Params | None = None, **overrides: Any
+                  ) -> tuple[list[Any], dict[str, float]]:
+        """Reference curves on the same test tasks: a randomly initialised policy, a policy
+        pretrained on all tasks jointly (if given), both adapted with the same steps, and
+        the oracle's return where the family defines one."""
+        from metarl.evaluate import TEST_SEED_OFFSET, Curve, adaptation_values
+
+        common = dict(n_tasks=n_tasks, steps=steps, lr=lr, seed=seed, device=device, dtype=dtype,
+                      chunk=chunk, **overrides)
+        rand = self.init_params(torch.Generator().manual_seed(seed + 12345), device, dtype)
+        curves = [Curve.from_values("random init", adaptation_values(rand, self, **common))]
+        if pretrained is not None:
+            curves.append(Curve.from_values("pretrained",
+                                            adaptation_values(pretrained, self, **common)))
+        hlines: dict[str, float] = {}
+        gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
+        tasks = []
+        for start in range(0, n_tasks, chunk):  # the same task stream as adaptation_values
+            b = self.sample_batch(min(chunk, n_tasks - start), gen, split="test", device=device,
+                                  dtype=dtype)
+            tasks += b.tasks
+        oracle = self.oracle_returns(tasks, device, dtype)
+        if oracle is not None:
+            hlines["oracle"] = float(oracle.double().mean())
+        return curves, hlines
+
+
+def parse_task_json(family: RLFamily, text: str) -> Task:
+    """``--task`` text -> a checked task spec (ConfigError with the fix on bad input)."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--task is not valid JSON ({e.msg}): give e.g. "
+                          "'{\"goal\": [0.3, -0.2]}'") from None
+    try:
+        return family.check_task(spec)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"bad task for family {family.name!r}: {e}") from None
+
+
+def adapt_steps(family: RLFamily, theta: Params, task: Task, *, steps: int,
+                lr: tuple[float, ...], rollouts: int | None, seed: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[Params, list[float]]:
+    """Adapt to one task: returns the adapted parameters (no task dim) and the average
+    return of the trajectories sampled before each step and after the last."""
+    from metarl import params as P
+    from metarl.inner import adapt
+
+    batch = family.batch_for([task], seed, device=device, dtype=dtype, rollouts=rollouts)
+    cfg = InnerConfig(steps=steps, lr=lr)
+    phi = P.expand(P.to(theta, device, dtype), 1)
+    returns = []
+    for j in range(steps + 1):
+        data = batch.inner_data(phi)
+        returns.append(float(batch.metric(phi, data)[0]))
+        if j < steps:
+            phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)), create_graph=False,
+                        data=[data]).phi
+    return {k: v[0].detach() for k, v in phi.items()}, returns
