@@ -51,11 +51,31 @@ def bench(
                     rows.append(run_in_subprocess(case))
                     bar.advance(task)
             results[name] = rows
-            out.print(_table(name, rows))
+            paired = all(r.get("impl") in ("batched", "loop") for r in rows)
+            out.print(_table(name, rows) if paired else _plain_table(name, rows))
         if json_path:
             text = json.dumps(results, indent=2) + "\n"
             atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
             err.print(f"wrote {json_path}", markup=False)
+
+
+def _plain_table(name: str, rows: list[dict]) -> Table:
+    """One row per case, every field as a column."""
+    table = Table(title=f"bench: {name}")
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    for k in keys:
+        table.add_column(k, justify="left" if k in ("algo", "impl", "error") else "right")
+    for r in rows:
+        table.add_row(*[_fmt(r.get(k)) for k in keys])
+    return table
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    return "" if v is None else str(v)
 
 
 def _table(name: str, rows: list[dict]) -> Table:

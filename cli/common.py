@@ -13,8 +13,10 @@ from rich.console import Console
 
 from metarl.types import ConfigError
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+# without a terminal (pipes, CI, CliRunner) tables get room instead of 80 columns
+err = Console(stderr=True, highlight=False, soft_wrap=True,
+              width=None if sys.stderr.isatty() else 200)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 class UserError(Exception):

@@ -23,9 +23,11 @@ def evaluate(
     lr: Annotated[Optional[list[float]], typer.Option(help="Test-time inner learning rate; repeat for one per step, the last repeated (--lr 0.1 --lr 0.05). [default: the family's, else the training inner lr]")] = None,
     shots: Annotated[Optional[int], typer.Option(min=1, help="Test-time support size (supervised families), e.g. 5 for the paper's 5-shot sinusoid numbers.")] = None,
     query: Annotated[Optional[int], typer.Option(min=1, help="Test-time query size per task/class (supervised families).")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option(help="Meta-test on another data set (repeatable), all of whose classes are test classes, e.g. Omniglot's images_evaluation.zip after training on images_background.zip.")] = None,
     seed: Annotated[int, typer.Option(help="Test seed; test tasks never come from the training stream.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     baselines: Annotated[bool, typer.Option(help="Also evaluate the family's baselines (RL: random init, pretrained, oracle).")] = True,
+    proximal: Annotated[bool, typer.Option(help="iMAML models adapt on their proximal objective L + lam/2 |phi - theta|^2, as in training; --no-proximal uses plain gradient steps.")] = True,
     pretrained: Annotated[Optional[Path], typer.Option(help="RL: the pretrained baseline's run or checkpoint. [default: RUN/pretrained, trained on first use]")] = None,
     pretrain_iterations: Annotated[Optional[int], typer.Option(min=1, help="RL: iterations of the pretrained baseline when it must be trained. [default: the family's]")] = None,
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP)] = None,
@@ -39,6 +41,11 @@ def evaluate(
     with user_errors():
         set_threads(threads)
         state = checkpoint.load(run)
+        if data:
+            cfg = dict(state["config"])
+            cfg["family_options"] = {**cfg.get("family_options", {}),
+                                     "eval_data": [str(p) for p in data]}
+            state = {**state, "config": cfg}
         overrides = {k: v for k, v in (("shots", shots), ("query", query)) if v is not None}
         pre = None
         if baselines and getattr(families.make(state["config"]["family"],
@@ -54,7 +61,8 @@ def evaluate(
                 pre = pretrained_baseline(str(run), state, iterations=n)
         ev = evaluate_checkpoint(state, n_tasks=tasks, steps=steps,
                                  lr=tuple(lr) if lr else None, seed=seed, device=device,
-                                 baselines=baselines, pretrained=pre, **overrides)
+                                 baselines=baselines, pretrained=pre, proximal=proximal,
+                                 **overrides)
         table = Table(title=f"{ev.family} / {ev.algo}: {ev.metric} after k adaptation steps "
                             f"({ev.curve.n_tasks} test tasks, mean +- 95% CI)")
         table.add_column("k", justify="right")

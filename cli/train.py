@@ -37,6 +37,8 @@ def train(
     shots: Annotated[Optional[int], typer.Option(min=1, help="Support examples per class/task at training (supervised families).", rich_help_panel=T)] = None,
     ways: Annotated[Optional[int], typer.Option(min=2, help="Classes per task (classification families).", rich_help_panel=T)] = None,
     query: Annotated[Optional[int], typer.Option(min=1, help="Query examples per class/task at training (supervised families).", rich_help_panel=T)] = None,
+    data: Annotated[Optional[list[Path]], typer.Option(help="Data files or folders (repeatable; merged), e.g. the Omniglot release's images_background.zip. Nothing is downloaded.", rich_help_panel=T)] = None,
+    split: Annotated[Optional[str], typer.Option(help="Class split of a classification family: character (fixed seed) or alphabet.", rich_help_panel=T)] = None,
     rollouts: Annotated[Optional[int], typer.Option(min=1, help="RL: trajectories per task per sampling (E). [default: the family's, 20]", rich_help_panel=T)] = None,
     horizon: Annotated[Optional[int], typer.Option(min=1, help="RL: steps per trajectory (H). [default: the family's]", rich_help_panel=T)] = None,
     estimator: Annotated[Optional[str], typer.Option(help="RL inner-loss estimator: reinforce (the paper's), lvc (low-variance curvature) or dice (unbiased second derivatives). [default: reinforce]", rich_help_panel=I)] = None,
@@ -68,7 +70,8 @@ def train(
         name = family or file_values.get("family") or "navigation2d"
         options = {**file_values.get("family_options", {}), **parse_options(family_opt)}
         for key, value in (("shots", shots), ("ways", ways), ("query", query),
-                           ("rollouts", rollouts), ("horizon", horizon), ("estimator", estimator)):
+                           ("rollouts", rollouts), ("horizon", horizon), ("estimator", estimator),
+                           ("data", [str(p) for p in data] if data else None), ("split", split)):
             if value is not None:
                 options[key] = value
         fam = families.make(name, **options)

@@ -99,8 +99,84 @@ def sinusoid_cases(device: str, quick: bool) -> Iterator[Case]:
                            repeats=5 if quick else 10, warmup=2 if quick else 3)
 
 
+def run_rl(case: Case) -> Row:
+    """Navigation sampler throughput, or seconds per meta-iteration of an RL algorithm."""
+    from metarl import config as C
+    from metarl import families
+    from metarl import params as P
+    from metarl.algorithms import meta_grad
+    from metarl.memory import peak_memory
+
+    dev = torch.device(case.device)
+    T, E, H = case.meta_batch, 20, 100
+    fam = families.make("navigation2d", rollouts=E, horizon=H)
+    policy = fam.policy()
+    g = torch.Generator().manual_seed(0)
+    theta = fam.init_params(g, dev, torch.float32)
+    row: Row = {"algo": case.algo, "impl": case.impl, "T": T, "E": E, "H": H}
+    if case.algo == "sampler":
+        tasks = fam.sample_tasks(T, __import__("numpy").random.default_rng(0))
+        if case.impl == "one-by-one":
+            env = fam.make_env(tasks[0])
+            th1 = P.expand(theta, 1)
+            n_tasks = max(1, T // 10)  # a tenth of the tasks: this path is slow
+
+            def step() -> None:
+                for t in range(n_tasks):
+                    for e in range(E):
+                        obs, _ = env.reset(seed=e, options={"task": tasks[t]})
+                        for _ in range(H):
+                            with torch.no_grad():
+                                o = torch.as_tensor(obs, dtype=torch.float32).view(1, 1, -1)
+                                a = policy.dist(th1, o).sample(g)[0, 0].numpy()
+                            obs, _, term, trunc, _ = env.step(a)
+                            if term or trunc:
+                                break
+
+            steps = n_tasks * E * H
+        else:
+            from metarl.rl.sampler import GymBatchEnv, sample
+
+            benv = fam.batch_env(dev, torch.float32) if case.impl == "tensor" else GymBatchEnv(
+                fam.make_env, device=dev, task_option=True)
+            th = P.expand(theta, T)
+
+            def step() -> None:
+                sample(policy, th, benv, tasks, E, H, seed=0)
+
+            steps = T * E * H
+        sec = _timeit(step, case)
+        row.update(sec_per_iter=sec, env_steps_per_sec=steps / sec)
+        return row
+    cfg = C.resolve(fam, {"algo": case.algo, "inner_steps": case.k, "meta_batch": T,
+                          "device": case.device, "family_options": fam.options()})
+    theta = P.clone_leaf(theta)
+    outer = fam.make_outer(cfg, theta)
+
+    def step() -> None:
+        batch = fam.sample_batch(T, g, device=dev)
+        outer.step(theta, batch, lambda th, b: meta_grad(case.algo, th, b, cfg.inner, cfg.imaml))
+
+    step()
+    with peak_memory(case.device) as peak:
+        step()
+    row.update(sec_per_iter=_timeit(step, case), peak_mb=peak.mb, outer="trpo", k=case.k)
+    return row
+
+
+def rl_cases(device: str, quick: bool) -> Iterator[Case]:
+    r = dict(repeats=2 if quick else 5, warmup=1)
+    for impl in ("tensor", "gym-batched", "one-by-one"):
+        yield Case(section="rl", algo="sampler", k=0, impl=impl, device=device, meta_batch=20,
+                   **{**r, "repeats": 2 if impl == "one-by-one" else r["repeats"]})
+    for algo in ("maml", "fomaml") if quick else ("maml", "fomaml", "reptile", "imaml"):
+        yield Case(section="rl", algo=algo, k=1, impl="batched", device=device, meta_batch=20,
+                   repeats=2 if quick else 3, warmup=1)
+
+
 SECTIONS: dict[str, tuple[Callable[[str, bool], Iterator[Case]], Callable[[Case], Row]]] = {
     "sinusoid": (sinusoid_cases, run_sinusoid),
+    "rl": (rl_cases, run_rl),
 }
 
 

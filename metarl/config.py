@@ -96,7 +96,8 @@ def family_defaults(family: Family) -> dict[str, Any]:
     d = family.defaults
     return {"algo": d.algo, "iterations": d.iterations, "meta_batch": d.meta_batch,
             "inner_steps": d.inner_steps, "inner_lr": d.inner_lr, "outer": d.outer,
-            "outer_lr": d.outer_lr, "log_every": d.log_every, "imaml_lam": d.imaml_lam,
+            "outer_lr": d.outer_lr, "log_every": d.log_every,
+            "checkpoint_every": d.checkpoint_every, "imaml_lam": d.imaml_lam,
             "imaml_cg_iters": d.imaml_cg_iters}
 
 
@@ -139,6 +140,15 @@ def resolve(family: Family, *layers: dict[str, Any]) -> TrainConfig:
                 extra.update({kk: vv for kk, vv in v.items() if vv is not None})
             else:
                 merged[k] = v
+    # a family may give iMAML its own inner loop (the iMAML paper solves the
+    # proximal problem with more, smaller steps than MAML takes)
+    given = {k for layer in layers for k, v in layer.items() if v is not None}
+    if merged.get("algo") == "imaml":
+        fx = family.defaults.extra
+        if "inner_steps" not in given and "imaml_inner_steps" in fx:
+            merged["inner_steps"] = fx["imaml_inner_steps"]
+        if "inner_lr" not in given and "imaml_inner_lr" in fx:
+            merged["inner_lr"] = fx["imaml_inner_lr"]
     try:
         return TrainConfig(**merged, family_options=options, extra=extra)
     except TypeError as e:

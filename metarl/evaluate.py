@@ -45,8 +45,12 @@ class Curve:
 
 def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int,
                       lr: float | tuple[float, ...], seed: int, device: torch.device,
-                      dtype: torch.dtype, chunk: int = 600, **overrides: Any) -> torch.Tensor:
-    """Per-task metric after 0..K steps of plain gradient descent on the inner loss.
+                      dtype: torch.dtype, chunk: int = 600, prox_lam: float | None = None,
+                      **overrides: Any) -> torch.Tensor:
+    """Per-task metric after 0..K steps of gradient descent on the inner loss.
+
+    With ``prox_lam`` the steps descend iMAML's proximal inner objective
+    ``L_in(phi) + lam/2 |phi - theta|^2`` (an iMAML model adapts as it was trained).
 
     Tasks are drawn from the test split with ``seed + TEST_SEED_OFFSET`` and
     processed ``chunk`` at a time (all tasks of a chunk adapt as one batch).
@@ -62,6 +66,7 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
         T = min(chunk, n_tasks - start)
         batch = family.sample_batch(T, gen, split="test", device=device, dtype=dtype, **overrides)
         phi = P.expand(theta, T)
+        prox = (prox_lam, P.expand(theta, T)) if prox_lam else None
         vals = []
         # RL: the return at step j is that of the trajectories phi_j samples to adapt on;
         # supervised: the metric is taken on the query set, adaptation on the support set
@@ -73,7 +78,7 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
                 vals.append(batch.metric(phi, scored).double().cpu())
             if j < steps:
                 phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)), create_graph=False,
-                            data=[data] if on_inner else None).phi
+                            data=[data] if on_inner else None, prox=prox).phi
         rows.append(torch.stack(vals, 1))  # [T, K+1]
     return torch.cat(rows)
 
@@ -106,11 +111,13 @@ def evaluate_checkpoint(state: dict[str, Any], *, n_tasks: int | None = None,
                         steps: int | None = None, lr: tuple[float, ...] | None = None,
                         seed: int = 0, device: str = "auto", chunk: int | None = None,
                         baselines: bool = True, pretrained: Params | None = None,
-                        **overrides: Any) -> Evaluation:
+                        proximal: bool = True, **overrides: Any) -> Evaluation:
     """Meta-test the parameters of a checkpoint on fresh test tasks.
 
     Defaults (tasks, steps, test-time inner lr) come from the family. Families
     that define ``baselines(...)`` add their reference curves to the result.
+    iMAML models adapt on their proximal objective (their own lambda) unless
+    ``proximal`` is False.
     """
     from metarl import families
     from metarl.types import resolve_device, resolve_dtype
@@ -126,11 +133,12 @@ def evaluate_checkpoint(state: dict[str, Any], *, n_tasks: int | None = None,
     theta = state["theta"]
     common = dict(n_tasks=n, steps=k, lr=tuple(rates), seed=seed, device=dev, dtype=dtype,
                   chunk=size, **overrides)
-    values = adaptation_values(theta, family, **common)
+    prox_lam = float(cfg["imaml_lam"]) if cfg["algo"] == "imaml" and proximal else None
+    values = adaptation_values(theta, family, prox_lam=prox_lam, **common)
     result = Evaluation(family=family.name, algo=cfg["algo"], metric=family.metric,
                         curve=Curve.from_values(cfg["algo"], values),
                         settings={"n_tasks": n, "steps": k, "lr": list(rates), "seed": seed,
-                                  **overrides})
+                                  "proximal_lam": prox_lam, **overrides})
     extra = getattr(family, "baselines", None)
     if baselines and extra is not None:
         kw = {"pretrained": P.to(pretrained, dev, dtype)} if pretrained is not None else {}

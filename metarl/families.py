@@ -43,6 +43,7 @@ class Defaults:
     eval_lr: tuple[float, ...] | None = None
     """Inner learning rates at test time; None: the training inner lr."""
     log_every: int = 100
+    checkpoint_every: int = 1000
     imaml_lam: float = 1.0
     imaml_cg_iters: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
@@ -128,12 +129,27 @@ def names() -> list[str]:
     return sorted(_registry)
 
 
+def _import_module(name: str) -> Any:
+    """Import ``name``; like ``python -m``, fall back to the current directory."""
+    import os
+    import sys
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        top = name.split(".")[0]
+        if e.name != top or os.getcwd() in sys.path:
+            raise
+        sys.path.insert(0, os.getcwd())
+        return importlib.import_module(name)
+
+
 def _import_factory(spec: str) -> Factory:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError(f"family {spec!r} is not of the form package.module:Factory")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name)
     except ImportError as e:
         raise ConfigError(f"cannot import module {module_name!r} for family {spec!r}: {e}; "
                           "check the name and that it is on PYTHONPATH") from e

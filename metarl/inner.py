@@ -75,7 +75,10 @@ def adapt(
         data: inner data to reuse, one entry per step; ``None`` asks the batch
             for new data at every step (RL: resampled with the current phi_j).
         prox: ``(lam, anchor)`` adds ``lam/2 * |phi - anchor|^2`` to the inner
-            loss (iMAML's proximal problem).
+            loss (iMAML's proximal problem). The steps are then monotone: a task
+            whose objective would not decrease halves its step (up to
+            ``MAX_HALVINGS`` times), so phi approaches the proximal minimiser
+            whatever the curvature, as the implicit gradient assumes.
 
     Returns:
         The adapted parameters and the data and losses of every step.
@@ -94,8 +97,40 @@ def adapt(
         out.losses.append(loss.detach())
         if prox is not None:
             lam, anchor = prox
-            loss = loss + 0.5 * lam * P.task_dot(P.sub(phi, anchor), P.sub(phi, anchor))
+            loss = loss + _prox(phi, anchor, lam)
         g = P.grads(loss.sum(), phi, create_graph=create_graph)  # per-task grads [T, ...]
-        phi = P.add(phi, g, -cfg.lr_at(j))
+        if prox is not None and not create_graph:
+            phi = _monotone_step(batch, phi, g, d, loss.detach(), cfg.lr_at(j), prox)
+        else:
+            phi = P.add(phi, g, -cfg.lr_at(j))
     out.phi = phi if create_graph else P.detach(phi)
     return out
+
+
+MAX_HALVINGS = 12
+
+
+def _prox(phi: Params, anchor: Params, lam: float) -> Tensor:
+    diff = P.sub(phi, anchor)
+    return 0.5 * lam * P.task_dot(diff, diff)  # [T]
+
+
+def _monotone_step(batch: TaskBatch, phi: Params, g: Params, data: Data, before: Tensor,
+                   alpha: float, prox: tuple[float, Params]) -> Params:
+    """``phi - a_t g_t`` with per-task ``a_t <= alpha`` halved until the proximal objective decreases."""
+    import torch
+
+    lam, anchor = prox
+    a = torch.full_like(before, alpha)  # [T]
+    with torch.no_grad():
+        for _ in range(MAX_HALVINGS):
+            cand = P.add(phi, g, -a)
+            after = batch.inner_loss(cand, data) + _prox(cand, anchor, lam)  # [T]
+            worse = ~(after <= before)  # NaN counts as worse
+            if not bool(worse.any()):
+                break
+            a = torch.where(worse, a / 2, a)
+        else:
+            a = torch.where(worse, torch.zeros_like(a), a)  # no decrease found: stay
+            cand = P.add(phi, g, -a)
+    return cand

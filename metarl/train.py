@@ -56,6 +56,9 @@ def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = Fals
     """Raise :class:`ConfigError` for anything that would fail only once the run started."""
     resolve_device(cfg.device)
     resolve_dtype(cfg.dtype)
+    prepare = getattr(family, "prepare", None)  # load and check data now, not mid-run
+    if prepare is not None:
+        prepare()
     if cfg.outer not in ("adam", "sgd") and getattr(family, "make_outer", None) is None:
         raise ConfigError(f"outer optimizer {cfg.outer!r} is for RL families; family "
                           f"{cfg.family!r} trains with --outer adam or sgd")

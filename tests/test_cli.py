@@ -153,3 +153,16 @@ def test_gradcheck_json(tmp_path):
     assert m["maml"]["rel_error"] < 1e-10 and m["finite_diff"]["rel_error"] < 1e-6
     assert m["imaml_cg100"]["rel_error"] < 1e-8 < m["imaml_cg1"]["rel_error"]
     assert m["fomaml"]["rel_error"] > 1e-4 and m["maml"]["cosine"] == pytest.approx(1.0)
+
+
+def test_imaml_takes_the_familys_own_inner_loop():
+    from metarl import config as C
+    from metarl import families
+
+    fam = families.make("omniglot", data="unused")
+    cfg = C.resolve(fam, {"algo": "imaml"})
+    assert (cfg.inner_steps, cfg.inner_lr, cfg.imaml_lam) == (16, 0.1, 2.0)
+    cfg = C.resolve(fam, {"algo": "imaml", "inner_steps": 3})
+    assert (cfg.inner_steps, cfg.inner_lr) == (3, 0.1)
+    cfg = C.resolve(fam, {"algo": "maml"})
+    assert (cfg.inner_steps, cfg.inner_lr, cfg.meta_batch) == (1, 0.4, 32)

@@ -43,6 +43,7 @@ Task = dict[str, Any]
 RL_DEFAULTS = Defaults(
     algo="maml", outer="trpo", iterations=500, meta_batch=20, inner_steps=1, inner_lr=0.1,
     outer_lr=1e-3, eval_steps=3, eval_tasks=40, eval_lr=(0.1, 0.05), log_every=10,
+    checkpoint_every=25,
     imaml_lam=1.0, imaml_cg_iters=5,
     extra={"max_kl": 0.01, "cg_iters": 10, "damping": 1e-5, "ls_steps": 15, "ls_backtrack": 0.8,
            "pretrain_iterations": 100},
