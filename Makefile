@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-RUN    ?= runs/default
+RUN    ?= runs/navigation2d-maml
+ITERS  ?= 60
 
 .PHONY: run test test-slow bench install clean
 
@@ -17,9 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# the main job: a few minutes of MAML-TRPO on 2D navigation, then meta-testing on
+# 40 new goals against a random-init policy, a jointly pretrained one and the oracle
 run: $(STAMP)
-	$(VENV)/bin/metarl train --family sinusoid --algo maml --iterations 5000 --out $(RUN) --overwrite
-	$(VENV)/bin/metarl evaluate $(RUN) --shots 5 --steps 10 --plot $(RUN)/adaptation.png --json $(RUN)/eval.json
+	$(VENV)/bin/metarl train --family navigation2d --algo maml --outer trpo \
+		--iterations $(ITERS) --out $(RUN) --overwrite --threads 1
+	$(VENV)/bin/metarl evaluate $(RUN) --pretrain-iterations 20 --threads 1 \
+		--plot $(RUN)/adaptation.png --json $(RUN)/eval.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -140,15 +140,15 @@ def resolve(family: Family, *layers: dict[str, Any]) -> TrainConfig:
                 extra.update({kk: vv for kk, vv in v.items() if vv is not None})
             else:
                 merged[k] = v
-    # a family may give iMAML its own inner loop (the iMAML paper solves the
-    # proximal problem with more, smaller steps than MAML takes)
+    # a family may give an algorithm its own inner loop (``imaml_inner_steps``,
+    # ``reptile_inner_lr``, ... in its defaults' extra): iMAML solves a proximal
+    # problem with more steps than MAML takes, Reptile needs k > 1 to meta-learn
     given = {k for layer in layers for k, v in layer.items() if v is not None}
-    if merged.get("algo") == "imaml":
-        fx = family.defaults.extra
-        if "inner_steps" not in given and "imaml_inner_steps" in fx:
-            merged["inner_steps"] = fx["imaml_inner_steps"]
-        if "inner_lr" not in given and "imaml_inner_lr" in fx:
-            merged["inner_lr"] = fx["imaml_inner_lr"]
+    fx = family.defaults.extra
+    for key in ("inner_steps", "inner_lr"):
+        own = f"{merged.get('algo')}_{key}"
+        if key not in given and own in fx:
+            merged[key] = fx[own]
     try:
         return TrainConfig(**merged, family_options=options, extra=extra)
     except TypeError as e:

@@ -173,3 +173,21 @@ def test_recorder_replays_sampled_data():
     assert exact.rel_error(mg.grad, ref) <= 1e-6
     again = maml.meta_grad(theta, rec.replay(), inner)
     assert exact.rel_error(again.grad, mg.grad) == 0.0
+
+
+@pytest.mark.slow
+def test_sinusoid_maml_short_run_learns_to_adapt():
+    """A short version of the full run: 5000 MAML iterations must already adapt in one step."""
+    from metarl.evaluate import adaptation_values
+    from metarl.outer import GradientOuter
+
+    fam = families.make("sinusoid")
+    g = torch.Generator().manual_seed(0)
+    theta = P.clone_leaf(fam.init_params(g, torch.device("cpu"), torch.float32))
+    outer = GradientOuter(theta, "adam", 1e-3)
+    inner = InnerConfig(steps=1, lr=0.01)
+    for _ in range(5000):
+        outer.step(theta, fam.sample_batch(25, g), lambda th, b: maml.meta_grad(th, b, inner))
+    v = adaptation_values(theta, fam, n_tasks=600, steps=1, lr=0.01, seed=0,
+                          device=torch.device("cpu"), dtype=torch.float32, shots=5).mean(0)
+    assert v[1] < 0.6 * v[0] and v[1] < 1.5, v

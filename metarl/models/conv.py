@@ -14,7 +14,7 @@ from torch import Tensor
 from metarl.types import Params
 
 DOWNSAMPLE = ("stride", "maxpool")
-IMPLS = ("auto", "grouped", "loop", "vmap")
+IMPLS = ("auto", "grouped", "grouped_nhwc", "loop", "vmap")
 
 
 def batch_norm(h: Tensor, gamma: Tensor, beta: Tensor, dims: tuple[int, ...], m: int | None,
@@ -72,6 +72,8 @@ class ConvNet:
         impl = impl or self.resolve_impl(x.device)
         if impl == "grouped":
             out = self._grouped(params, x, m)
+        elif impl == "grouped_nhwc":
+            out = self._grouped_nhwc(params, x, m)
         elif impl == "loop":
             out = torch.stack([self._one({k: v[t] for k, v in params.items()}, x[t], m)
                                for t in range(x.shape[0])])
@@ -99,6 +101,28 @@ class ConvNet:
             if self.downsample == "maxpool":
                 h = F.max_pool2d(h, 2)
         feat = h.view(N, T, self.filters, -1).mean(-1).transpose(0, 1)  # [T, N, F]
+        return torch.baddbmm(params["head.b"].unsqueeze(1), feat, params["head.w"])
+
+    def _grouped_nhwc(self, params: Params, x: Tensor, m: int | None) -> Tensor:
+        T, N, C, H, W = x.shape
+        h = x.permute(1, 3, 4, 0, 2).reshape(N, H, W, T, C)  # [N, H, W, T, C]
+        for i in range(self.blocks):
+            w = params[f"conv{i}.w"]  # [T, F, C, 3, 3]
+            f, c = w.shape[1], w.shape[2]
+            H, W = h.shape[1], h.shape[2]
+            hc = h.view(N, H, W, T * c).permute(0, 3, 1, 2)  # [N, T*C, H, W], channels_last
+            y = F.conv2d(hc, w.reshape(T * f, c, 3, 3), params[f"conv{i}.b"].reshape(T * f),
+                         stride=self.stride, padding=1, groups=T)  # [N, T*F, H', W']
+            y = y.permute(0, 2, 3, 1).reshape(N, y.shape[2], y.shape[3], T, f)  # [N, H', W', T, F]
+            g = params[f"bn{i}.w"]  # [T, F]
+            b = params[f"bn{i}.b"]
+            h = torch.relu(batch_norm(y, g, b, (0, 1, 2), m, self.eps))
+            if self.downsample == "maxpool":
+                H2, W2 = h.shape[1], h.shape[2]
+                hc = h.view(N, H2, W2, T * f).permute(0, 3, 1, 2)
+                hc = F.max_pool2d(hc, 2)
+                h = hc.permute(0, 2, 3, 1).reshape(N, hc.shape[2], hc.shape[3], T, f)
+        feat = h.mean((1, 2)).transpose(0, 1)  # [T, N, F]
         return torch.baddbmm(params["head.b"].unsqueeze(1), feat, params["head.w"])
 
     def _one(self, p: Params, x: Tensor, m: int | None) -> Tensor:
