@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Annotated, Optional
@@ -23,6 +24,7 @@ def bench(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
     threads: Annotated[int, typer.Option(min=1, help="Torch CPU threads per case.")] = 1,
     quick: Annotated[bool, typer.Option(help="Fewer cases and repeats (a smoke run).")] = False,
+    data: Annotated[Optional[Path], typer.Option(help="Omniglot data for the omniglot section. [default: $METARL_OMNIGLOT; the section is skipped without data]")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write all rows as JSON here.")] = None,
 ) -> None:
     """Seconds per meta-iteration (median after warm-up) and peak memory per case.
@@ -43,7 +45,15 @@ def bench(
                                                   "cpu": platform.processor() or platform.machine()}}
         for name in names:
             make_cases, _ = SECTIONS[name]
-            cases = list(make_cases(dev, quick))
+            if name == "omniglot":
+                source = str(data) if data else os.environ.get("METARL_OMNIGLOT")
+                if not source:
+                    err.print("bench omniglot: skipped (no data: pass --data or set "
+                              "METARL_OMNIGLOT)", markup=False)
+                    continue
+                cases = list(make_cases(dev, quick, source))
+            else:
+                cases = list(make_cases(dev, quick))
             rows = []
             with Progress(console=err, disable=not is_tty()) as bar:
                 task = bar.add_task(f"bench {name}", total=len(cases))

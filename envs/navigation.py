@@ -359,13 +359,16 @@ class Navigation2DFamily(RLFamily):
     to the goal after the move (the paper's text says squared; every code base
     and the published numbers use plain L2). Episode: 100 steps, done when within
     0.01 of the goal on both axes. The sampler steps all T x E environments as
-    tensors on the learner's device. Oracle: the policy that is given the goal
+    tensors on the learner's device. The policy outputs velocities directly, as
+    in the PyTorch port; ``normalize_actions=True`` maps [-1, 1] policy units onto
+    the [-0.1, 0.1] box instead, as the paper's rllab code did. Oracle: the policy that is given the goal
     and moves straight to it at full speed (deterministic, an upper bound).
     """
 
     name = "navigation2d"
     description = "2D point navigation to a goal in [-0.5, 0.5]^2 (MAML paper 5.3)"
     default_horizon = HORIZON
+    default_normalize_actions = False  # as the PyTorch port; the paper's rllab code normalised
 
     def sample_tasks(self, n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
         return sample_tasks(n, rng)

@@ -174,9 +174,36 @@ def rl_cases(device: str, quick: bool) -> Iterator[Case]:
                    repeats=2 if quick else 3, warmup=1)
 
 
+def run_omniglot(case: Case) -> Row:
+    """5-way 1-shot, 15 query per class, meta-batch 32: MAML (k = 1, 5) and iMAML."""
+    from metarl.memory import peak_memory
+
+    opts = dict(case.options or {})
+    lam = 2.0
+    inner_lr = 0.4 if case.algo in ("maml", "fomaml") else 0.1
+    step = _supervised_step("omniglot", case, {"data": opts.get("data"), "ways": 5, "shots": 1,
+                                               "query": 15}, inner_lr=inner_lr, imaml_lam=lam,
+                            imaml_cg=5)
+    step()
+    with peak_memory(case.device) as peak:
+        step()
+    return {"algo": case.algo, "k": case.k, "impl": case.impl, "sec_per_iter": _timeit(step, case),
+            "peak_mb": peak.mb}
+
+
+def omniglot_cases(device: str, quick: bool, data: str | None = None) -> Iterator[Case]:
+    data = data or os.environ.get("METARL_OMNIGLOT")
+    plan = [("maml", 1), ("maml", 5), ("imaml", 5)] if not quick else [("maml", 1)]
+    for algo, k in plan:
+        for impl in ("batched", "loop"):
+            yield Case(section="omniglot", algo=algo, k=k, impl=impl, device=device, meta_batch=32,
+                       repeats=2 if quick else 3, warmup=1, options={"data": data})
+
+
 SECTIONS: dict[str, tuple[Callable[[str, bool], Iterator[Case]], Callable[[Case], Row]]] = {
     "sinusoid": (sinusoid_cases, run_sinusoid),
     "rl": (rl_cases, run_rl),
+    "omniglot": (omniglot_cases, run_omniglot),
 }
 
 

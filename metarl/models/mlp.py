@@ -33,13 +33,23 @@ class MLP:
         return len(self.sizes) - 1
 
     def init(self, generator: torch.Generator, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> Params:
-        """PyTorch's default ``nn.Linear`` initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+             dtype: torch.dtype = torch.float32, scheme: str = "torch") -> Params:
+        """Fresh parameters.
+
+        ``scheme="torch"``: PyTorch's ``nn.Linear`` default, weights and biases
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in)). ``scheme="xavier"``: Xavier-uniform
+        weights and zero biases (rllab's and the MAML-RL code's policies: the mean
+        action of a fresh policy is then 0 at a zero observation).
+        """
+        if scheme not in ("torch", "xavier"):
+            raise ValueError(f"unknown init scheme {scheme!r}: use torch or xavier")
         params: Params = {}
         for i, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
-            bound = 1.0 / math.sqrt(a)
+            bound = 1.0 / math.sqrt(a) if scheme == "torch" else math.sqrt(6.0 / (a + b))
             w = (torch.rand(a, b, generator=generator, dtype=torch.float64) * 2 - 1) * bound
             bias = (torch.rand(b, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+            if scheme == "xavier":
+                bias = torch.zeros_like(bias)
             params[f"l{i}.w"] = w.to(device=device, dtype=dtype)
             params[f"l{i}.b"] = bias.to(device=device, dtype=dtype)
         return params

@@ -34,7 +34,7 @@ from metarl.families import Defaults
 from metarl.inner import InnerConfig
 from metarl.rl.batch import RLBatch, RLConfig
 from metarl.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy, Policy
-from metarl.rl.sampler import BatchEnv, GymBatchEnv
+from metarl.rl.sampler import BatchEnv, GymBatchEnv, NormalizedActions
 from metarl.rl.trpo import TRPO, TRPOConfig, make_readapt
 from metarl.types import ConfigError, Params
 
@@ -66,6 +66,8 @@ class RLFamily:
         estimator: inner-loss estimator, "reinforce", "lvc" or "dice".
         hidden, activation: the policy MLP.
         init_std: initial standard deviation of a Gaussian policy.
+        normalize_actions: the policy acts in ``[-1, 1]`` units mapped onto the
+            action Box (rllab's convention); None: the family's ``default_normalize_actions``.
     """
 
     name = "rl-family"
@@ -77,16 +79,19 @@ class RLFamily:
     default_hidden: tuple[int, ...] = (64, 64)
     """The PyTorch port's policy (the paper used 2 x 100 ReLU: hidden=[100,100], activation=relu)."""
     default_activation = "tanh"
+    default_normalize_actions = False
 
     def __init__(self, rollouts: int = 20, horizon: int | None = None, gamma: float = 0.99,
                  gae_lambda: float = 1.0, estimator: str = "reinforce",
                  hidden: Sequence[int] | None = None, activation: str | None = None,
-                 init_std: float = 1.0) -> None:
+                 init_std: float = 1.0, normalize_actions: bool | None = None) -> None:
         self.rl = RLConfig(rollouts=int(rollouts), horizon=int(horizon or self.default_horizon),
                            gamma=float(gamma), gae_lambda=float(gae_lambda), estimator=estimator)
         self.hidden = tuple(int(h) for h in (hidden or self.default_hidden))
         self.activation = activation or self.default_activation
         self.init_std = float(init_std)
+        self.normalize_actions = (self.default_normalize_actions if normalize_actions is None
+                                  else bool(normalize_actions))
         self._policy: Policy | None = None
         self._envs: dict[tuple[str, str, int], BatchEnv] = {}
 
@@ -120,7 +125,8 @@ class RLFamily:
         c = self.rl
         return {"rollouts": c.rollouts, "horizon": c.horizon, "gamma": c.gamma,
                 "gae_lambda": c.gae_lambda, "estimator": c.estimator, "hidden": list(self.hidden),
-                "activation": self.activation, "init_std": self.init_std}
+                "activation": self.activation, "init_std": self.init_std,
+                "normalize_actions": self.normalize_actions}
 
     def describe(self) -> str:
         return "\n".join([
@@ -129,7 +135,8 @@ class RLFamily:
             f"gamma {self.rl.gamma}, GAE lambda {self.rl.gae_lambda}, inner estimator "
             f"{self.rl.estimator}",
             f"policy: {'Gaussian' if self._continuous() else 'categorical'} MLP "
-            f"{'-'.join(map(str, self.hidden))} {self.activation}",
+            f"{'-'.join(map(str, self.hidden))} {self.activation}"
+            + (", actions in [-1, 1] mapped onto the action box" if self.normalize_actions else ""),
         ])
 
     def _spaces(self) -> tuple[gymnasium.Space, gymnasium.Space]:
@@ -164,7 +171,11 @@ class RLFamily:
     def _env(self, device: torch.device, dtype: torch.dtype, n: int) -> BatchEnv:
         key = (str(device), str(dtype), n)
         if key not in self._envs:
-            self._envs[key] = self.batch_env(device, dtype)
+            env = self.batch_env(device, dtype)
+            act = self._spaces()[1]
+            if self.normalize_actions and isinstance(act, gymnasium.spaces.Box):
+                env = NormalizedActions(env, torch.as_tensor(act.low), torch.as_tensor(act.high))
+            self._envs[key] = env
         return self._envs[key]
 
     def batch_for(self, tasks: Sequence[Task], seed: int, *, device: torch.device | str = "cpu",

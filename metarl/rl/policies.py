@@ -232,8 +232,9 @@ class GaussianMLPPolicy(_MLPPolicyBase):
 
     def init(self, generator: torch.Generator, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> Params:
-        """Fresh meta-parameters (no task dimension)."""
-        params = self.mlp.init(generator, device=device, dtype=dtype)
+        """Fresh meta-parameters (no task dimension): Xavier-uniform weights, zero
+        biases (as rllab and the MAML-RL code), log-std ``log(init_std)``."""
+        params = self.mlp.init(generator, device=device, dtype=dtype, scheme="xavier")
         params["log_std"] = torch.full((self.act_dim,), math.log(self.init_std), device=device,
                                        dtype=dtype)
         return params
@@ -265,8 +266,8 @@ class CategoricalMLPPolicy(_MLPPolicyBase):
 
     def init(self, generator: torch.Generator, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> Params:
-        """Fresh meta-parameters (no task dimension)."""
-        return self.mlp.init(generator, device=device, dtype=dtype)
+        """Fresh meta-parameters (no task dimension): Xavier-uniform weights, zero biases."""
+        return self.mlp.init(generator, device=device, dtype=dtype, scheme="xavier")
 
     def dist(self, params_T: Params, obs: Tensor) -> Categorical:
         """``obs [T, ..., obs_dim]`` -> Categorical with logits ``[T, ..., n_actions]``."""

@@ -288,3 +288,26 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
     assert act_buf is not None  # internal invariant: H >= 1 was checked above
     return Rollouts(obs=obs_buf, actions=act_buf, rewards=rew_buf, mask=mask_buf,
                     log_probs=logp_buf)
+
+
+class NormalizedActions:
+    """A :class:`BatchEnv` whose actions are in ``[-1, 1]`` units, mapped linearly onto the
+    wrapped env's Box ``[low, high]`` (rllab's ``normalize`` convention, used by the MAML
+    paper's experiments): a policy with std 1 then explores the whole box instead of
+    saturating its bounds. The env still clips what lands outside."""
+
+    def __init__(self, env: BatchEnv, low: Tensor, high: Tensor) -> None:
+        self.env, self.low, self.high = env, low, high
+
+    def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int) -> Tensor:
+        return self.env.reset(tasks, n_episodes, seed)
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        low = self.low.to(actions.device, actions.dtype)
+        high = self.high.to(actions.device, actions.dtype)
+        return self.env.step(low + (actions + 1.0) * 0.5 * (high - low))
+
+    def close(self) -> None:
+        close = getattr(self.env, "close", None)
+        if close is not None:
+            close()
