@@ -23,7 +23,9 @@ from metarl.tasks.omniglot_data import (
     split_characters,
 )
 
-SHARED_ZIP = Path("/work/shared/data/omniglot/images_background_small1.zip")
+# the project's shared data sit beside the checkout (../shared), in CI too
+SHARED_ZIP = (Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+              / "images_background_small1.zip")
 SMALL1_CHARS = 136  # 24 Balinese + 22 Early_Aramaic + 24 Greek + 40 Korean + 26 Latin
 
 
