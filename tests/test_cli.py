@@ -166,3 +166,20 @@ def test_imaml_takes_the_familys_own_inner_loop():
     assert (cfg.inner_steps, cfg.inner_lr) == (3, 0.1)
     cfg = C.resolve(fam, {"algo": "maml"})
     assert (cfg.inner_steps, cfg.inner_lr, cfg.meta_batch) == (1, 0.4, 32)
+
+
+def test_plot_overlays_evaluations(trained, tmp_path):
+    paths = []
+    for seed in (0, 1):
+        p = tmp_path / f"e{seed}.json"
+        assert run("evaluate", trained, "--tasks", 20, "--steps", 2, "--seed", seed,
+                   "--json", p).exit_code == 0
+        paths.append(p)
+    r = run("plot", *paths, "--out", tmp_path / "both.png", "--label", "a", "--label", "b")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+    one_line_error(run("plot", paths[0], "--out", tmp_path / "x.png", "--label", "a", "--label", "b"),
+                   "give one per file")
+    (tmp_path / "bad.json").write_text("{}")
+    one_line_error(run("plot", tmp_path / "bad.json", "--out", tmp_path / "x.png"),
+                   "is not a metarl evaluate --json result")
