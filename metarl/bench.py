@@ -1,9 +1,9 @@
 """``metarl bench``: seconds per meta-iteration and peak memory, each case in its own process.
 
-Every case runs in a fresh Python process (``python -m metarl.bench CASE_JSON``)
-so that peak memory is that case's alone; glibc's mmap threshold is pinned in
-the child so freed memory is returned rather than cached. Time is the median of
-several iterations after warm-up; on CUDA each iteration is synchronised.
+Every case runs in a fresh Python process (``python -m metarl.bench CASE_JSON``).
+Peak memory is the peak of live tensor bytes during one iteration
+(:mod:`metarl.memory`), measured in an iteration of its own; time is the median
+of several other iterations after warm-up (on CUDA each one synchronised).
 Sections: ``sinusoid`` (the four algorithms at meta-batch 25, k = 1..40,
 batched engine versus a per-task loop). Other families add their own sections
 through :data:`SECTIONS`.
@@ -210,8 +210,6 @@ SECTIONS: dict[str, tuple[Callable[[str, bool], Iterator[Case]], Callable[[Case]
 def run_in_subprocess(case: Case, timeout: float = 900) -> Row:
     """Run one case in a fresh interpreter and return its row (an ``error`` key if it failed)."""
     env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
     env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     proc = subprocess.run([sys.executable, "-m", "metarl.bench", json.dumps(asdict(case))],
                           capture_output=True, text=True, env=env, timeout=timeout)

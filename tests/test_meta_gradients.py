@@ -191,3 +191,20 @@ def test_sinusoid_maml_short_run_learns_to_adapt():
     v = adaptation_values(theta, fam, n_tasks=600, steps=1, lr=0.01, seed=0,
                           device=torch.device("cpu"), dtype=torch.float32, shots=5).mean(0)
     assert v[1] < 0.6 * v[0] and v[1] < 1.5, v
+
+
+def test_memory_meter_sees_the_unrolled_graph():
+    """The CPU meter counts live tensor bytes: MAML's grow with k, FOMAML's do not."""
+    from metarl.memory import peak_memory
+
+    _, theta, batch = small_problem(n_tasks=25, dtype=torch.float32, hidden=(40, 40))
+
+    def peak(algo, k):
+        with peak_memory("cpu") as p:
+            meta_grad(algo, theta, batch, InnerConfig(steps=k, lr=0.01))
+        return p.mb
+
+    m5, m20 = peak("maml", 5), peak("maml", 20)
+    f5, f20 = peak("fomaml", 5), peak("fomaml", 20)
+    assert m20 > 2.5 * m5 > 0
+    assert abs(f20 - f5) <= 0.05 * f5
