@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from metarl.cli.common import err, out, parse_options, user_errors
+from metarl.cli.common import THREADS_HELP, set_threads, err, out, parse_options, user_errors
 from metarl.checkpoint import atomic_write
 from metarl.gradcheck import gradcheck as run_gradcheck
 
@@ -24,6 +24,7 @@ def gradcheck(
     fd: Annotated[bool, typer.Option(help="Also compute the full central-difference gradient.")] = True,
     family_opt: Annotated[Optional[list[str]], typer.Option(help="Family option KEY=VALUE, e.g. hidden=[8,8] for a smaller MLP.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of parameters and tasks.")] = 0,
+    threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None,
 ) -> None:
     """Compare MAML, FOMAML, Reptile and iMAML with the exact meta-gradient (float64).
@@ -34,6 +35,7 @@ def gradcheck(
     Example: metarl gradcheck --steps 3 --family-opt hidden=[16,16]
     """
     with user_errors():
+        set_threads(threads)
         res = run_gradcheck(family, steps=steps, n_tasks=tasks, inner_lr=inner_lr, lam=lam,
                             cg_iters=tuple(cg_iters or (1, 2, 5, 10, 50)), seed=seed, fd=fd,
                             family_options=parse_options(family_opt))
@@ -43,7 +45,8 @@ def gradcheck(
             table.add_column(col, justify="left" if col == "method" else "right")
         for name, m in res["methods"].items():
             table.add_row(name, f"{m['rel_error']:.2e}", f"{m['cosine']:.6f}",
-                          f"{m['seconds']:.4f}", f"{m['peak_mb']:.1f}")
+                          f"{m['seconds']:.4f}",
+                          "-" if m["peak_mb"] is None else f"{m['peak_mb']:.2f}")
         out.print(table)
         if json_path:
             text = json.dumps(res, indent=2) + "\n"
