@@ -9,35 +9,38 @@ How the tasks are batched (``impl``):
 - ``"grouped"``: per-task weights as ONE grouped convolution, tasks folded into
   channels (input ``[N, T*C, H, W]``, weight ``[T*F, C, 3, 3]``, ``groups=T``); batch
   norm, ReLU and pooling act on that layout directly (channel ``t*F + f`` is task t's
-  filter f). On CPU the tasks go through in chunks sized to the cache (``task_chunk``).
+  filter f, so per-channel statistics are per task). On CPU the tasks go through in
+  cache-sized chunks, each one grouped convolution (``task_chunk``).
 - ``"loop"``: a Python loop over tasks, one ``F.conv2d`` per task: the reference.
 - ``"vmap"``: ``torch.func.vmap`` over the per-task network, for comparison only.
-- ``"auto"`` (default): ``"grouped"`` with automatic chunking.
+- ``"auto"`` (default): ``"grouped"`` with automatic chunks.
 
-Measured on a 2-core AMD EPYC (AVX-512, torch 2.13, 1 thread), MAML, 5-way 1-shot,
-15 query per class, meta-batch 32, float32 (details: docs of :class:`ConvNet`):
+Findings (2-core AMD EPYC, AVX-512, torch 2.13, 1 thread; MAML, 5-way 1-shot, 15
+query per class, meta-batch 32, 28x28, float32):
 
-- CPU: one grouped convolution over all 32 tasks is SLOWER than the loop (k=1:
-  1.7 s vs 1.05 s), because each activation of the query pass is then 120 MB and
-  every batch-norm/ReLU pass streams it from memory, while a task's 3.7 MB fits in
-  cache; oneDNN's grouped convolution is also slower per FLOP (first layer 5x).
-  Chunks of tasks sized to ~2 MiB of first-layer activation keep the cache (one
-  task per chunk for 75 query images, eight for 5 support images): never slower
-  than the loop, faster on the support passes.
-- Batch norm with statistics of x alone uses the fused ``F.batch_norm`` (training
-  mode, no running statistics) on the ``[N, T*F, H, W]`` layout, which normalises
-  each (task, channel) separately; its double backward is exact (tests: explicit
-  Jacobian and finite differences in float64). Support statistics and ``vmap`` use
-  plain tensor ops (two-pass variance).
-- float32 accuracy: every formulation and impl tried (grouped, loop, vmap;
-  two-pass variance, ``E[x^2] - E[x]^2``, ``torch.var_mean``, fused batch norm)
-  gives per-task meta-gradient errors of 2e-6 to 6e-6 against float64. Larger
-  errors (1e-4 to 2e-2 of the meta-batch gradient, in loop and grouped alike) come
-  from ReLU inputs within float32 round-off of 0 that land on the other side of the
-  kink: the gradient jumps, and on a support set (5 images, inner lr 0.4) the jump
-  is carried through the following inner steps. Which tasks it hits depends on
-  rounding order, so a single comparison of two implementations can differ by 100x;
-  over 16 seeds loop and grouped have the same error distribution.
+- Speed: one grouped convolution over all 32 tasks is SLOWER than the loop on CPU
+  (k=5: 4.1 s vs 3.5 s; k=1: 2.5 s vs 1.5 s). A query-pass activation is then
+  120 MB and every batch-norm/ReLU pass streams it from memory, while one task's
+  3.7 MB stays in cache; oneDNN's grouped convolution is also slower per FLOP
+  (first layer 5x). Chunks sized to ~2 MiB of first-block activation (``CHUNK_BYTES``:
+  1 task of 75 query images, 8 tasks of 5 support images) keep the cache: k=5 2.5 s,
+  k=1 1.3 s, peak memory 1.06-1.14x the loop's. ``vmap`` (a grouped convolution
+  underneath) is the slowest: 4.2 s. On CUDA all tasks go in one grouped convolution.
+- Second order: grouped, loop and vmap (forward only, plain autograd outside) all
+  match the explicit Jacobian and finite differences in float64. What breaks is
+  ``torch.func.grad`` nested in ``vmap`` over the FUSED ``F.batch_norm`` (7% error;
+  plain-op batch norm there is exact); the fused op alone is exact to second order
+  but wrong from the third derivative on (PyTorch issue #186256). Hence plain
+  tensor ops by default, the fused op as an opt-in (``fused_bn``, 12-22% faster).
+- float32: every impl and formulation tried (two-pass variance, ``E[x^2] - E[x]^2``,
+  ``torch.var_mean``, fused) gives per-task meta-gradient errors of 2e-6 to 7e-6
+  against float64. Larger errors (1e-4 to 2e-2 of the meta-batch gradient, loop
+  and grouped alike) come from ReLU inputs within round-off of 0 that fall on the
+  other side of the kink in float32: the gradient jumps, and on a 5-image support
+  set with inner lr 0.4 the jump is carried through the next inner steps. Which
+  tasks it hits depends on rounding order, so a single comparison of two impls can
+  differ 100x either way (like the 0.03% loop vs 4.6% vmap once reported); over 16
+  seeds loop and grouped have the same error distribution.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ CHUNK_BYTES = 2 * 2**20
 
 
 def batch_norm(h: Tensor, gamma: Tensor, beta: Tensor, eps: float, m: int | None = None,
-               fused: bool = True) -> Tensor:
+               fused: bool = False) -> Tensor:
     """Batch norm of ``h [N, C, H, W]`` over (N, H, W) per channel, without running statistics.
 
     Args:
@@ -70,8 +73,11 @@ def batch_norm(h: Tensor, gamma: Tensor, beta: Tensor, eps: float, m: int | None
         eps: added to the variance inside the square root.
         m: normalise with the statistics of ``h[:m]`` only (the support images); ``None``
             uses all of ``h``.
-        fused: use ``F.batch_norm`` where it applies (``m`` is None); else plain tensor
-            ops with the two-pass variance ``mean((h - mean)^2)``.
+        fused: use ``F.batch_norm`` (training mode, no running statistics) where it
+            applies (``m`` is None): faster, exact to second order, but its third and
+            higher derivatives are wrong (PyTorch issue #186256, reproduced on 2.13).
+            Otherwise plain tensor ops with the two-pass variance ``mean((h - mean)^2)``,
+            exact to every order.
 
     Returns:
         ``gamma * (h - mean) / sqrt(var + eps) + beta``, shape of ``h``.
@@ -88,7 +94,7 @@ def batch_norm(h: Tensor, gamma: Tensor, beta: Tensor, eps: float, m: int | None
 
 
 class ConvNet:
-    """MAML's Omniglot conv net, evaluated with per-task weights ``[T, ...]`` on ``[T, N, C, H, W]``.
+    """MAML's Omniglot conv net with per-task weights ``[T, ...]`` on images ``[T, N, C, H, W]``.
 
     Blocks ``i = 0..blocks-1``: conv 3x3, padding 1 (``conv{i}.w [F, C, 3, 3]``,
     ``conv{i}.b [F]``), batch norm (``bn{i}.w``, ``bn{i}.b`` ``[F]``: learned scale and
@@ -120,13 +126,19 @@ class ConvNet:
             CUDA, on CPU as many as keep one chunk's largest activation within
             ``CHUNK_BYTES`` (cache blocking). Ignored by ``"loop"`` and ``"vmap"``.
         eps: batch-norm epsilon (1e-3, TensorFlow's default that MAML used).
+        fused_bn: transductive batch norm by the fused ``F.batch_norm`` (12-22% faster on
+            CPU) instead of plain tensor ops. Exact for MAML and iMAML (second order) but
+            NOT for third derivatives (e.g. a Hessian of the MAML meta-objective, TRPO
+            through the adaptation): PyTorch issue #186256. Never used under ``vmap``
+            (``torch.func.grad`` inside ``vmap`` over it gives wrong second derivatives).
 
     References: Finn et al. 2017, section 5.2 and appendix A.1; Vinyals et al. 2016.
     """
 
     def __init__(self, ways: int, *, in_channels: int = 1, filters: int = 64, blocks: int = 4,
                  downsample: Downsample = "stride", impl: Impl = "auto",
-                 task_chunk: int | None = None, eps: float = 1e-3) -> None:
+                 task_chunk: int | None = None, eps: float = 1e-3,
+                 fused_bn: bool = False) -> None:
         if downsample not in DOWNSAMPLE:
             raise ValueError(f"unknown downsample {downsample!r}: use 'stride' or 'maxpool'")
         if impl not in IMPLS:
@@ -141,6 +153,7 @@ class ConvNet:
             raise ValueError(f"batch-norm eps must be > 0, got {eps}")
         self.ways, self.in_channels, self.filters, self.blocks = ways, in_channels, filters, blocks
         self.downsample, self.impl, self.task_chunk, self.eps = downsample, impl, task_chunk, eps
+        self.fused_bn = fused_bn
         self.stride = 2 if downsample == "stride" else 1
 
     def init(self, generator: torch.Generator, device: torch.device | str = "cpu",
@@ -213,7 +226,8 @@ class ConvNet:
                                  for i, xc in enumerate(x.split(c))])
         elif impl == "loop":
             per_task = {k: v.unbind(0) for k, v in params.items()}
-            out = torch.stack([self._one({k: v[t] for k, v in per_task.items()}, xt, m)
+            out = torch.stack([self._one({k: v[t] for k, v in per_task.items()}, xt, m,
+                                         self.fused_bn)
                                for t, xt in enumerate(x.unbind(0))])
         else:
             out = torch.func.vmap(lambda p, xt: self._one(p, xt, m, fused=False))(params, x)
@@ -231,13 +245,14 @@ class ConvNet:
             h = F.conv2d(h, w.reshape(T * f, c, 3, 3), params[f"conv{i}.b"].reshape(T * f),
                          stride=self.stride, padding=1, groups=T)  # [N, T*F, H', W']
             h = torch.relu(batch_norm(h, params[f"bn{i}.w"].reshape(T * f),
-                                      params[f"bn{i}.b"].reshape(T * f), self.eps, m))
+                                      params[f"bn{i}.b"].reshape(T * f), self.eps, m,
+                                      self.fused_bn))
             if self.downsample == "maxpool":
                 h = F.max_pool2d(h, 2)
         feat = h.flatten(2).mean(2).view(N, T, -1).transpose(0, 1)  # [T, N, F]
         return torch.baddbmm(params["head.b"].unsqueeze(1), feat, params["head.w"])  # [T, N, ways]
 
-    def _one(self, p: Params, x: Tensor, m: int | None, fused: bool = True) -> Tensor:
+    def _one(self, p: Params, x: Tensor, m: int | None, fused: bool) -> Tensor:
         """One task: parameters without the task dimension, ``x [N, C, H, W]`` -> ``[N, ways]``."""
         h = x
         for i in range(self.blocks):
