@@ -35,6 +35,9 @@ def adaptation_curves(curves: Sequence[object], path: str | Path, *, metric: str
         ax.plot(range(len(values)), values, ls="--", marker="x", color="gray", label=label)
     for label, y in (hlines or {}).items():
         ax.axhline(y, ls=":", color="black", label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("adaptation steps")
     ax.set_ylabel(metric)
     if title:
