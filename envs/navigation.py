@@ -360,9 +360,10 @@ class Navigation2DFamily(RLFamily):
     and the published numbers use plain L2). Episode: 100 steps, done when within
     0.01 of the goal on both axes. The sampler steps all T x E environments as
     tensors on the learner's device. The policy outputs velocities directly, as
-    in the PyTorch port; ``normalize_actions=True`` maps [-1, 1] policy units onto
-    the [-0.1, 0.1] box instead, as the paper's rllab code did. Oracle: the policy that is given the goal
-    and moves straight to it at full speed (deterministic, an upper bound).
+    in the PyTorch port; ``normalize_actions=True`` maps [-1, 1] policy units
+    onto the [-0.1, 0.1] box instead, as the paper's rllab code did. Oracle: the
+    policy that is given the goal and moves straight to it at full speed
+    (deterministic, an upper bound).
     """
 
     name = "navigation2d"
