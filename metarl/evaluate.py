@@ -65,22 +65,34 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
     for start in range(0, n_tasks, chunk):
         T = min(chunk, n_tasks - start)
         batch = family.sample_batch(T, gen, split="test", device=device, dtype=dtype, **overrides)
-        phi = P.expand(theta, T)
         prox = (prox_lam, P.expand(theta, T)) if prox_lam else None
-        vals = []
-        # RL: the return at step j is that of the trajectories phi_j samples to adapt on;
-        # supervised: the metric is taken on the query set, adaptation on the support set
-        on_inner = getattr(batch, "scores_inner_data", False)
-        for j in range(steps + 1):
-            data = batch.inner_data(phi) if on_inner else None
-            with torch.no_grad():
-                scored = data if on_inner else batch.outer_data(phi)
-                vals.append(batch.metric(phi, scored).double().cpu())
-            if j < steps:
-                phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)), create_graph=False,
-                            data=[data] if on_inner else None, prox=prox).phi
+        _, vals = score_while_adapting(batch, P.expand(theta, T), steps, cfg, prox=prox)
         rows.append(torch.stack(vals, 1))  # [T, K+1]
     return torch.cat(rows)
+
+
+def score_while_adapting(batch: Any, phi: Params, steps: int, cfg: InnerConfig,
+                         prox: tuple[float, Params] | None = None) -> tuple[Params, list[torch.Tensor]]:
+    """Take ``steps`` inner steps from ``phi``, scoring before each step and after the last.
+
+    RL batches (``scores_inner_data``): the score at step j is the return of the
+    trajectories phi_j samples to adapt on. Supervised: the metric on the query
+    set; adaptation uses the support set.
+
+    Returns:
+        The adapted parameters and ``steps + 1`` per-task scores ``[T]`` (CPU, float64).
+    """
+    on_inner = getattr(batch, "scores_inner_data", False)
+    vals = []
+    for j in range(steps + 1):
+        data = batch.inner_data(phi) if on_inner else None
+        with torch.no_grad():
+            scored = data if on_inner else batch.outer_data(phi)
+            vals.append(batch.metric(phi, scored).double().cpu())
+        if j < steps:
+            phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)), create_graph=False,
+                        data=[data] if on_inner else None, prox=prox).phi
+    return phi, vals
 
 
 @dataclass

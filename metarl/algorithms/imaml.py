@@ -89,8 +89,10 @@ def cg(A: Callable[[Params], Params], b: Params, iters: int) -> tuple[Params, Te
     return x, indefinite
 
 
-def hvp_operator(loss_fn: Callable[[Params], Tensor], phi: Params) -> Callable[[Params], Params]:
-    """Per-task Hessian-vector products of ``loss_fn`` (returning ``[T]``) at ``phi``.
+def grad_and_hvp(loss_fn: Callable[[Params], Tensor],
+                 phi: Params) -> tuple[Params, Callable[[Params], Params]]:
+    """Per-task gradient (detached) and Hessian-vector products of ``loss_fn``
+    (returning ``[T]``) at ``phi``, from one graph.
 
     Tasks are independent, so the Hessian of the summed losses is block
     diagonal and one backward pass gives every task's product.
@@ -101,7 +103,12 @@ def hvp_operator(loss_fn: Callable[[Params], Tensor], phi: Params) -> Callable[[
     def H(u: Params) -> Params:
         return P.grads(P.task_dot(g, u).sum(), phi, retain_graph=True)
 
-    return H
+    return P.detach(g), H
+
+
+def hvp_operator(loss_fn: Callable[[Params], Tensor], phi: Params) -> Callable[[Params], Params]:
+    """Per-task Hessian-vector products of ``loss_fn`` at ``phi`` (see :func:`grad_and_hvp`)."""
+    return grad_and_hvp(loss_fn, phi)[1]
 
 
 def meta_grad(theta: Params, batch: TaskBatch, inner: InnerConfig,

@@ -249,16 +249,9 @@ def adapt_steps(family: RLFamily, theta: Params, task: Task, *, steps: int,
     """Adapt to one task: returns the adapted parameters (no task dim) and the average
     return of the trajectories sampled before each step and after the last."""
     from metarl import params as P
-    from metarl.inner import adapt
+    from metarl.evaluate import score_while_adapting
 
     batch = family.batch_for([task], seed, device=device, dtype=dtype, rollouts=rollouts)
-    cfg = InnerConfig(steps=steps, lr=lr)
-    phi = P.expand(P.to(theta, device, dtype), 1)
-    returns = []
-    for j in range(steps + 1):
-        data = batch.inner_data(phi)
-        returns.append(float(batch.metric(phi, data)[0]))
-        if j < steps:
-            phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)), create_graph=False,
-                        data=[data]).phi
-    return {k: v[0].detach() for k, v in phi.items()}, returns
+    phi, vals = score_while_adapting(batch, P.expand(P.to(theta, device, dtype), 1), steps,
+                                     InnerConfig(steps=steps, lr=lr))
+    return {k: v[0].detach() for k, v in phi.items()}, [float(v[0]) for v in vals]

@@ -126,17 +126,15 @@ class TRPO:
         T = batch.n_tasks
         inner_hvps: list[tuple[float, Callable[[Params], Params]]] = []
         if self.through:
-            from metarl.algorithms.imaml import hvp_operator
+            from metarl.algorithms.imaml import grad_and_hvp
 
             phi = P.expand(P.detach(theta), T)
             steps = self.readapt_steps
             for j, d in enumerate(mg.inner_data):
-                H = hvp_operator(lambda p, d=d: batch.inner_loss(p, d), phi)
+                g, H = grad_and_hvp(lambda p, d=d: batch.inner_loss(p, d), phi)
                 alpha = steps.lr_at(j)
                 inner_hvps.append((alpha, H))
-                leaf = P.detach(phi, requires_grad=True)
-                g = P.grads(batch.inner_loss(leaf, d).sum(), leaf)
-                phi = P.detach(P.add(leaf, g, -alpha))  # phi_{j+1}
+                phi = P.add(phi, g, -alpha)  # phi_{j+1}, from the same graph
         phi_k = P.detach(old, requires_grad=True)
         grad_kl = P.grads(batch.kl(old, phi_k, out).mean(), phi_k, create_graph=True)  # [T, ...]
         like = {k: v[0] for k, v in phi_k.items()}
