@@ -20,11 +20,11 @@ from metarl.types import resolve_device
 
 
 def bench(
-    section: Annotated[Optional[list[str]], typer.Option(help="Sections to run (repeatable). [default: all]")] = None,
+    section: Annotated[Optional[list[str]], typer.Option(help="Sections to run (repeatable). \\[default: all]")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
     threads: Annotated[int, typer.Option(min=1, help="Torch CPU threads per case.")] = 1,
     quick: Annotated[bool, typer.Option(help="Fewer cases and repeats (a smoke run).")] = False,
-    data: Annotated[Optional[Path], typer.Option(help="Omniglot data for the omniglot section. [default: $METARL_OMNIGLOT; the section is skipped without data]")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Omniglot data for the omniglot section. \\[default: $METARL_OMNIGLOT; the section is skipped without data]")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write all rows as JSON here.")] = None,
 ) -> None:
     """Seconds per meta-iteration (median after warm-up) and peak memory per case.
@@ -61,7 +61,8 @@ def bench(
                     rows.append(run_in_subprocess(case))
                     bar.advance(task)
             results[name] = rows
-            paired = all(r.get("impl") in ("batched", "loop") for r in rows)
+            paired = all(r.get("impl") in ("batched", "loop") or str(r.get("impl")).startswith("chunked")
+                         for r in rows)
             out.print(_table(name, rows) if paired else _plain_table(name, rows))
         if json_path:
             text = json.dumps(results, indent=2) + "\n"
@@ -89,29 +90,41 @@ def _fmt(v: object) -> str:
 
 
 def _table(name: str, rows: list[dict]) -> Table:
-    """One row per (algo, k) with batched and loop side by side when both exist."""
+    """One row per (algo, k), the implementations side by side, each against the loop."""
     table = Table(title=f"bench: {name}")
     keys = [k for k in rows[0] if k not in ("impl", "sec_per_iter", "peak_mb", "error")] if rows else []
+    impls: list[str] = []
+    for r in rows:
+        if r.get("impl", "batched") not in impls:
+            impls.append(r.get("impl", "batched"))
+    impls.sort(key=lambda i: (i == "loop", i != "batched"))  # batched, chunked-*, loop
     for k in keys:
         table.add_column(k)
-    table.add_column("batched ms/it", justify="right")
-    table.add_column("loop ms/it", justify="right")
-    table.add_column("speed-up", justify="right")
-    table.add_column("batched peak MB", justify="right")
-    table.add_column("loop peak MB", justify="right")
+    for i in impls:
+        table.add_column(f"{i} ms/it", justify="right")
+        if i != "loop" and "loop" in impls:
+            table.add_column("speed-up", justify="right")
+    for i in impls:
+        table.add_column(f"{i} peak MB", justify="right")
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r.get(k) for k in keys), {})[r.get("impl", "batched")] = r
+
+    def ms(r: dict) -> str:
+        return r["error"][:30] if "error" in r else (f"{1e3 * r['sec_per_iter']:.2f}" if r else "")
+
+    def mb(r: dict) -> str:
+        return f"{r['peak_mb']:.1f}" if r and "peak_mb" in r else ""
+
     for key, g in groups.items():
-        b, lo = g.get("batched", {}), g.get("loop", {})
-
-        def ms(r: dict) -> str:
-            return r["error"][:30] if "error" in r else (f"{1e3 * r['sec_per_iter']:.2f}" if r else "")
-
-        def mb(r: dict) -> str:
-            return f"{r['peak_mb']:.1f}" if r and "peak_mb" in r else ""
-
-        speed = (f"{lo['sec_per_iter'] / b['sec_per_iter']:.1f}x"
-                 if "sec_per_iter" in b and "sec_per_iter" in lo else "")
-        table.add_row(*[str(v) for v in key], ms(b), ms(lo), speed, mb(b), mb(lo))
+        lo = g.get("loop", {})
+        cells = [str(v) for v in key]
+        for i in impls:
+            r = g.get(i, {})
+            cells.append(ms(r))
+            if i != "loop" and "loop" in impls:
+                cells.append(f"{lo['sec_per_iter'] / r['sec_per_iter']:.1f}x"
+                             if "sec_per_iter" in r and "sec_per_iter" in lo else "")
+        cells += [mb(g.get(i, {})) for i in impls]
+        table.add_row(*cells)
     return table

@@ -61,7 +61,7 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
 
 
 THREADS_HELP = ("Torch CPU threads (on a small shared machine 1 is often fastest). "
-                "[default: $METARL_THREADS, else torch's default]")
+                "\\[default: $METARL_THREADS, else torch's default]")
 
 
 def set_threads(n: int | None) -> None:

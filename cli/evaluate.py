@@ -18,9 +18,9 @@ from metarl.plots import adaptation_curves
 
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run folder (its checkpoint.pt) or a checkpoint file.")],
-    tasks: Annotated[Optional[int], typer.Option(min=1, help="Number of test tasks. [default: the family's, 600 supervised / 40 RL]")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=0, help="Report the metric after 0..K adaptation steps. [default: the family's]")] = None,
-    lr: Annotated[Optional[list[float]], typer.Option(help="Test-time inner learning rate; repeat for one per step, the last repeated (--lr 0.1 --lr 0.05). [default: the family's, else the training inner lr]")] = None,
+    tasks: Annotated[Optional[int], typer.Option(min=1, help="Number of test tasks. \\[default: the family's, 600 supervised / 40 RL]")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=0, help="Report the metric after 0..K adaptation steps. \\[default: the family's]")] = None,
+    lr: Annotated[Optional[list[float]], typer.Option(help="Test-time inner learning rate; repeat for one per step, the last repeated (--lr 0.1 --lr 0.05). \\[default: the family's, else the training inner lr]")] = None,
     shots: Annotated[Optional[int], typer.Option(min=1, help="Test-time support size (supervised families), e.g. 5 for the paper's 5-shot sinusoid numbers.")] = None,
     query: Annotated[Optional[int], typer.Option(min=1, help="Test-time query size per task/class (supervised families).")] = None,
     data: Annotated[Optional[list[Path]], typer.Option(help="Meta-test on another data set (repeatable), all of whose classes are test classes, e.g. Omniglot's images_evaluation.zip after training on images_background.zip.")] = None,
@@ -28,8 +28,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     baselines: Annotated[bool, typer.Option(help="Also evaluate the family's baselines (RL: random init, pretrained, oracle).")] = True,
     proximal: Annotated[bool, typer.Option(help="iMAML models adapt on their proximal objective L + lam/2 |phi - theta|^2, as in training; --no-proximal uses plain gradient steps.")] = True,
-    pretrained: Annotated[Optional[Path], typer.Option(help="RL: the pretrained baseline's run or checkpoint. [default: RUN/pretrained, trained on first use]")] = None,
-    pretrain_iterations: Annotated[Optional[int], typer.Option(min=1, help="RL: iterations of the pretrained baseline when it must be trained. [default: the family's]")] = None,
+    pretrained: Annotated[Optional[Path], typer.Option(help="RL: the pretrained baseline's run or checkpoint. \\[default: RUN/pretrained, trained on first use]")] = None,
+    pretrain_iterations: Annotated[Optional[int], typer.Option(min=1, help="RL: iterations of the pretrained baseline when it must be trained. \\[default: the family's]")] = None,
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the metric versus steps with 95% CI bands here.")] = None,

@@ -18,7 +18,7 @@ def plot(
     out: Annotated[Path, typer.Option(help="PNG to write.")],
     title: Annotated[str, typer.Option(help="Plot title.")] = "",
     baselines: Annotated[bool, typer.Option(help="Also draw the baselines stored in the files (random init, pretrained, oracle).")] = False,
-    label: Annotated[Optional[list[str]], typer.Option(help="Curve labels, one per file, in order. [default: each file's algorithm]")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help="Curve labels, one per file, in order. \\[default: each file's algorithm]")] = None,
 ) -> None:
     """Draw the metric versus adaptation steps of several evaluations in one figure.
 

@@ -31,7 +31,7 @@ class Case:
     section: str
     algo: str
     k: int
-    impl: str  # "batched" | "loop"
+    impl: str  # "batched" | "chunked" (options["chunk"] tasks at a time) | "loop"
     device: str = "cpu"
     meta_batch: int = 25
     repeats: int = 10
@@ -58,7 +58,7 @@ def _supervised_step(family_name: str, case: Case, family_options: dict[str, Any
                      inner_lr: float, imaml_lam: float, imaml_cg: int) -> Callable[[], None]:
     from metarl import families
     from metarl import params as P
-    from metarl.algorithms import IMAMLConfig, loop_meta_grad, meta_grad
+    from metarl.algorithms import IMAMLConfig, meta_grad
     from metarl.inner import InnerConfig
     from metarl.outer import GradientOuter
 
@@ -69,11 +69,12 @@ def _supervised_step(family_name: str, case: Case, family_options: dict[str, Any
     batch = fam.sample_batch(case.meta_batch, g, split="train", device=dev, dtype=torch.float32)
     inner = InnerConfig(steps=case.k, lr=inner_lr)
     icfg = IMAMLConfig(lam=imaml_lam, cg_iters=imaml_cg)
-    fn = meta_grad if case.impl == "batched" else loop_meta_grad
+    chunk = {"batched": None, "loop": 1, "chunked": (case.options or {}).get("chunk")}[case.impl]
     outer = GradientOuter(theta, "adam", 1e-3)
 
     def step() -> None:
-        outer.step(theta, batch, lambda th, b: fn(case.algo, th, b, inner, icfg))
+        outer.step(theta, batch, lambda th, b: meta_grad(case.algo, th, b, inner, icfg,
+                                                         chunk=chunk))
 
     return step
 
@@ -187,17 +188,23 @@ def run_omniglot(case: Case) -> Row:
     step()
     with peak_memory(case.device) as peak:
         step()
-    return {"algo": case.algo, "k": case.k, "impl": case.impl, "sec_per_iter": _timeit(step, case),
+    impl = case.impl + (f"-{opts['chunk']}" if case.impl == "chunked" else "")
+    return {"algo": case.algo, "k": case.k, "impl": impl, "sec_per_iter": _timeit(step, case),
             "peak_mb": peak.mb}
+
+
+OMNIGLOT_CHUNK = 4
+"""Tasks per chunk in the Omniglot section's memory-bounded rows (``--task-chunk``)."""
 
 
 def omniglot_cases(device: str, quick: bool, data: str | None = None) -> Iterator[Case]:
     data = data or os.environ.get("METARL_OMNIGLOT")
     plan = [("maml", 1), ("maml", 5), ("imaml", 5)] if not quick else [("maml", 1)]
     for algo, k in plan:
-        for impl in ("batched", "loop"):
+        for impl in ("batched", "chunked", "loop"):
             yield Case(section="omniglot", algo=algo, k=k, impl=impl, device=device, meta_batch=32,
-                       repeats=2 if quick else 3, warmup=1, options={"data": data})
+                       repeats=2 if quick else 3, warmup=1,
+                       options={"data": data, "chunk": OMNIGLOT_CHUNK})
 
 
 SECTIONS: dict[str, tuple[Callable[[str, bool], Iterator[Case]], Callable[[Case], Row]]] = {

@@ -49,6 +49,8 @@ class TrainConfig:
     """iMAML conjugate-gradient iterations."""
     imaml_cg_damping: float = 0.0
     """iMAML CG damping."""
+    task_chunk: int | None = None
+    """Process the meta-batch this many tasks at a time (bounds memory); None: all at once."""
     seed: int = 0
     """Seed of parameters and training tasks."""
     device: str = "auto"
@@ -71,6 +73,8 @@ class TrainConfig:
         for name in ("iterations", "meta_batch", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.task_chunk is not None and self.task_chunk < 1:
+            raise ConfigError(f"task-chunk must be >= 1, got {self.task_chunk}")
         if self.outer_lr <= 0:
             raise ConfigError(f"outer-lr must be > 0, got {self.outer_lr}")
         self.inner  # validates steps and lr

@@ -62,6 +62,9 @@ def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = Fals
     if cfg.outer not in ("adam", "sgd") and getattr(family, "make_outer", None) is None:
         raise ConfigError(f"outer optimizer {cfg.outer!r} is for RL families; family "
                           f"{cfg.family!r} trains with --outer adam or sgd")
+    if cfg.task_chunk is not None and getattr(family, "make_outer", None) is not None:
+        raise ConfigError(f"--task-chunk splits supervised meta-batches; family {cfg.family!r} "
+                          "samples its tasks as one batch: drop --task-chunk")
     ckpt = out / checkpoint.CHECKPOINT
     if ckpt.exists() and not (overwrite or resume):
         raise ConfigError(f"run folder {str(out)!r} already holds a checkpoint: pass --resume to "
@@ -112,7 +115,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
     inner, imaml_cfg = cfg.inner, cfg.imaml
 
     def compute(th: Params, batch: TaskBatch):
-        return meta_grad(cfg.algo, th, batch, inner, imaml_cfg)
+        return meta_grad(cfg.algo, th, batch, inner, imaml_cfg, chunk=cfg.task_chunk)
 
     def save(iteration: int) -> None:
         checkpoint.save(out / checkpoint.CHECKPOINT, theta=theta, config=cfg.to_dict(),

@@ -127,6 +127,22 @@ def test_batched_equals_per_task_loop_float32(algo):
     assert exact.rel_error(a, b) <= 1e-5
 
 
+@pytest.mark.parametrize("algo", ["maml", "fomaml", "reptile", "imaml"])
+def test_task_chunks_give_the_same_meta_gradient(algo):
+    _, theta, batch = small_problem(n_tasks=7)
+    inner = InnerConfig(steps=2, lr=0.02)
+    cfg = imaml.IMAMLConfig(lam=10.0, cg_iters=5)
+    whole = meta_grad(algo, theta, batch, inner, cfg)
+    parts = meta_grad(algo, theta, batch, inner, cfg, chunk=3)  # 3 + 3 + 1: unequal chunks
+    assert exact.rel_error(parts.grad, whole.grad) <= 1e-12
+    torch.testing.assert_close(parts.outer_loss, whole.outer_loss)
+    for a, b in zip(parts.inner_losses, whole.inner_losses, strict=True):
+        torch.testing.assert_close(a, b)
+    assert parts.metrics().keys() == whole.metrics().keys()
+    for k in whole.extra:
+        assert parts.extra[k] == pytest.approx(whole.extra[k], rel=1e-6)
+
+
 def test_bad_loss_shape_is_a_clear_error():
     _, theta, batch = small_problem()
 

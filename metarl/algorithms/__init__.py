@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from metarl.algorithms import imaml, maml, reptile
 from metarl.algorithms.base import MetaGrad
 from metarl.algorithms.imaml import IMAMLConfig
@@ -18,8 +20,26 @@ def check_algo(name: str) -> str:
 
 
 def meta_grad(algo: str, theta: Params, batch: TaskBatch, inner: InnerConfig,
-              imaml_cfg: IMAMLConfig | None = None) -> MetaGrad:
-    """The meta-gradient of ``algo`` ("maml", "fomaml", "reptile", "imaml") for one meta-batch."""
+              imaml_cfg: IMAMLConfig | None = None, *, chunk: int | None = None) -> MetaGrad:
+    """The meta-gradient of ``algo`` ("maml", "fomaml", "reptile", "imaml") for one meta-batch.
+
+    ``chunk`` bounds memory: the tasks are processed ``chunk`` at a time (each
+    chunk batched) and the meta-gradients averaged, so the peak is that of one
+    chunk. The result is the same up to float rounding. Needs a batch with
+    ``select`` (supervised batches have it); ``None`` or ``chunk >= T`` is one
+    batched pass.
+    """
+    T = batch.n_tasks
+    if chunk is not None and chunk < 1:
+        raise ConfigError(f"task chunk must be at least 1, got {chunk}")
+    if chunk is not None and chunk < T:
+        select = getattr(batch, "select", None)
+        if select is None:
+            raise ConfigError(f"{type(batch).__name__} cannot be split into task chunks: "
+                              "drop --task-chunk for this family")
+        parts = [(meta_grad(algo, theta, select(slice(s, s + chunk)), inner, imaml_cfg),
+                  min(chunk, T - s)) for s in range(0, T, chunk)]
+        return _merge(parts, T)
     if algo == "maml":
         return maml.meta_grad(theta, batch, inner)
     if algo == "fomaml":
@@ -31,21 +51,25 @@ def meta_grad(algo: str, theta: Params, batch: TaskBatch, inner: InnerConfig,
     raise ConfigError(f"unknown algorithm {algo!r}: use one of {', '.join(ALGORITHMS)}")
 
 
-__all__ = ["ALGORITHMS", "IMAMLConfig", "MetaGrad", "check_algo", "meta_grad"]
+def _merge(parts: list[tuple[MetaGrad, int]], T: int) -> MetaGrad:
+    """Task-weighted mean of chunk meta-gradients; per-task values concatenated."""
+    first = parts[0][0]
+    grad = {k: sum(mg.grad[k] * (n / T) for mg, n in parts) for k in first.grad}
+    inner_losses = [torch.cat([mg.inner_losses[j] for mg, _ in parts])
+                    for j in range(len(first.inner_losses))]
+    outer_loss = (torch.cat([mg.outer_loss for mg, _ in parts])
+                  if first.outer_loss is not None else None)
+    phi = ({k: torch.cat([mg.phi[k] for mg, _ in parts]) for k in first.phi}
+           if first.phi is not None else None)
+    extra = {k: sum(mg.extra[k] * n for mg, n in parts) / T for k in first.extra}
+    return MetaGrad(grad=grad, inner_losses=inner_losses, outer_loss=outer_loss, phi=phi,
+                    extra=extra)
 
 
 def loop_meta_grad(algo: str, theta: Params, batch: TaskBatch, inner: InnerConfig,
                    imaml_cfg: IMAMLConfig | None = None) -> MetaGrad:
-    """Reference implementation: one task at a time, as per-task libraries do.
-
-    Needs a batch with ``select(t)`` (supervised batches have it). Returns the
-    mean of the per-task meta-gradients, which the batched engine must equal.
-    """
-    select = getattr(batch, "select", None)
-    if select is None:
-        raise TypeError(f"{type(batch).__name__} has no select(t): the loop reference needs one")
-    grads = [meta_grad(algo, theta, select(t), inner, imaml_cfg).grad for t in range(batch.n_tasks)]
-    return MetaGrad(grad={k: sum(g[k] for g in grads) / len(grads) for k in grads[0]})
+    """Reference implementation: one task at a time, as per-task libraries do."""
+    return meta_grad(algo, theta, batch, inner, imaml_cfg, chunk=1)
 
 
-__all__ += ["loop_meta_grad"]
+__all__ = ["ALGORITHMS", "IMAMLConfig", "MetaGrad", "check_algo", "loop_meta_grad", "meta_grad"]
