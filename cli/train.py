@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,6 +17,12 @@ from metarl.types import DivergedError
 from metarl.train import train as run_training
 
 T, I, O, OUT = "Task", "Inner loop", "Outer loop", "Output"
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM (a scheduler preempting the job, ``kill``) stops training like Ctrl-C:
+    the last finished iteration is checkpointed before the process exits."""
+    raise KeyboardInterrupt
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -102,6 +109,7 @@ def train(
                         err.print(f"[{it}/{cfg.iterations}] {_fmt(metrics)}", markup=False)
                 bar.update(task, completed=it)
 
+            previous = signal.signal(signal.SIGTERM, _terminate)
             try:
                 result = run_training(cfg, run_dir, progress=progress, overwrite=overwrite,
                                       resume=resume)
@@ -113,6 +121,8 @@ def train(
                 err.print(f"error: training diverged: {e}; the last finite checkpoint is in "
                           f"{run_dir}", markup=False)
                 raise typer.Exit(code=1) from None
+            finally:
+                signal.signal(signal.SIGTERM, previous)
         err.print(f"done: {result.iterations} iterations in {result.seconds:.1f} s "
                   f"({1e3 * result.seconds / max(result.iterations, 1):.2f} ms/it); "
                   f"{_fmt(result.metrics)}", markup=False)

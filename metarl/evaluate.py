@@ -126,7 +126,9 @@ def evaluate_checkpoint(state: dict[str, Any], *, n_tasks: int | None = None,
                         proximal: bool = True, **overrides: Any) -> Evaluation:
     """Meta-test the parameters of a checkpoint on fresh test tasks.
 
-    Defaults (tasks, steps, test-time inner lr) come from the family. Families
+    Defaults (tasks, steps, test-time inner lr) come from the family; a model
+    trained with more inner steps than the family's test default is tested
+    with its own number (iMAML's 16 proximal steps, Reptile's 5). Families
     that define ``baselines(...)`` add their reference curves to the result.
     iMAML models adapt on their proximal objective (their own lambda) unless
     ``proximal`` is False.
@@ -138,7 +140,7 @@ def evaluate_checkpoint(state: dict[str, Any], *, n_tasks: int | None = None,
     family = families.make(cfg["family"], **cfg.get("family_options", {}))
     d = family.defaults
     n = n_tasks if n_tasks is not None else d.eval_tasks
-    k = steps if steps is not None else d.eval_steps
+    k = steps if steps is not None else max(d.eval_steps, int(cfg["inner_steps"]))
     rates = lr or d.eval_lr or (float(cfg["inner_lr"]),)
     dev, dtype = resolve_device(device), resolve_dtype(cfg.get("dtype", "float32"))
     size = chunk or getattr(family, "eval_chunk", 600)

@@ -104,6 +104,31 @@ def test_resume_continues(tmp_path):
     assert [x["iteration"] for x in rows] == [5, 8]
 
 
+def test_sigterm_checkpoints_the_last_finished_iteration(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "t"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metarl.cli.main", "train", "--family", "sinusoid", "--iterations",
+         "1000000", "--log-every", "1", "--checkpoint-every", "1000000", "--out", str(out),
+         "--threads", "1"], stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    state = checkpoint.load(out)  # written on SIGTERM, although no checkpoint was due
+    assert 1 <= state["iteration"] < 1000000
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["train", "--family", "sinusiod"], ["unknown family 'sinusiod'", "did you mean 'sinusoid'"]),
     (["train", "--family", "sinusoid", "--algo", "mamal", "--iterations", 1], ["unknown algorithm 'mamal'", "maml, fomaml"]),

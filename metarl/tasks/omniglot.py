@@ -63,7 +63,8 @@ class OmniglotFamily:
     Defaults follow the MAML paper: 5-way, 1 inner step at lr 0.4 (3 at test),
     meta-batch 32; 20-way, 5 steps at lr 0.1, meta-batch 16; Adam 1e-3; 60,000
     iterations; iMAML lambda 2, 5 CG steps, 16 (5-way) / 25 (20-way) inner steps
-    at lr 0.1.
+    at lr 0.1. Reptile takes 5 (5-way) / 10 (20-way) plain gradient steps at lr
+    0.1 (the Reptile paper's inner loop used Adam; metarl's inner loop is SGD).
     """
 
     name = "omniglot"
@@ -101,7 +102,8 @@ class OmniglotFamily:
                         inner_steps=1 if five else 5, inner_lr=0.4 if five else 0.1,
                         outer_lr=1e-3, eval_steps=3 if five else 5, eval_tasks=600, log_every=100,
                         checkpoint_every=1000, imaml_lam=2.0, imaml_cg_iters=5,
-                        extra={"imaml_inner_steps": 16 if five else 25, "imaml_inner_lr": 0.1})
+                        extra={"imaml_inner_steps": 16 if five else 25, "imaml_inner_lr": 0.1,
+                               "reptile_inner_steps": 5 if five else 10, "reptile_inner_lr": 0.1})
 
     def options(self) -> dict[str, Any]:
         return {"data": self.data, "ways": self.ways, "shots": self.shots, "query": self.query,
