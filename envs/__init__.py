@@ -1,3 +1,7 @@
-"""Gymnasium task families; importing this package registers their environment ids."""
+"""Gymnasium task families; importing this package registers their environment ids.
 
-from metarl.envs import navigation  # noqa: F401  (registers metarl/Navigation2D-v0)
+The locomotion ids (``metarl/HalfCheetahVel-v0``, ...) are registered without
+importing MuJoCo; making one needs the ``mujoco`` extra.
+"""
+
+from metarl.envs import locomotion, navigation  # noqa: F401  (register the ids)

@@ -207,10 +207,81 @@ def omniglot_cases(device: str, quick: bool, data: str | None = None) -> Iterato
                        options={"data": data, "chunk": OMNIGLOT_CHUNK})
 
 
+def run_locomotion(case: Case) -> Row:
+    """Env-steps/s of the sampler on halfcheetah-vel (policy included: one batched call per
+    step), against the raw ``mujoco.mj_step`` rate of the same T x E environments (controls
+    set, ``frame_skip`` steps per env step, nothing else). Sampler and raw runs alternate;
+    each is the median of ``repeats`` after warm-up. overhead = sampler / raw - 1."""
+    import numpy as np
+
+    from metarl import families
+    from metarl import params as P
+    from metarl.rl.sampler import sample
+
+    dev = torch.device(case.device)
+    T, E, H = case.meta_batch, 20, 100
+    workers = int((case.options or {}).get("workers", 0))
+    fam = families.make("halfcheetah-vel", rollouts=E, horizon=H, workers=workers)
+    tasks = fam.sample_tasks(T, np.random.default_rng(0))
+    theta_T = P.expand(fam.init_params(torch.Generator().manual_seed(0), dev, torch.float32), T)
+    env = fam.batch_env(dev, torch.float32)
+
+    slots = fam.slots_factory()()  # the raw reference: the same models, stepped bare
+    slot_tasks, slot_seeds = [t for t in tasks for _ in range(E)], list(range(T * E))
+    slots.reset(slot_tasks, slot_seeds)
+    sims = [e.sim for e in slots.envs]
+    models, datas = [s.model for s in sims], [s.data for s in sims]
+    ctrls, frame_skip = [d.ctrl for d in datas], sims[0].frame_skip
+    acts = np.random.default_rng(0).uniform(-1, 1, (H, T * E, ctrls[0].shape[0]))  # [H, n, act]
+    mj_step = __import__("mujoco").mj_step
+
+    def sampler_run() -> float:
+        t0 = time.perf_counter()
+        sample(fam.policy(), theta_T, env, tasks, E, H, seed=0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+    def raw_run() -> float:
+        slots.reset(slot_tasks, slot_seeds)  # the start states, untimed
+        t0 = time.perf_counter()
+        for h in range(H):
+            a = acts[h]
+            for k in range(T * E):
+                ctrls[k][:] = a[k]
+                mj_step(models[k], datas[k], nstep=frame_skip)
+        return time.perf_counter() - t0
+
+    for _ in range(case.warmup):  # starts the workers, loads kernels
+        sampler_run()
+        raw_run()
+    timings = [(sampler_run(), raw_run()) for _ in range(case.repeats)]
+    close = getattr(env, "close", None)
+    if close is not None:
+        close()
+    sec = statistics.median(t for t, _ in timings)
+    raw = statistics.median(r for _, r in timings)
+    steps = T * E * H
+    return {"algo": "sampler", "impl": "in-process" if workers == 0 else f"{workers} workers",
+            "T": T, "E": E, "H": H, "sec_per_iter": sec, "env_steps_per_sec": steps / sec,
+            "raw_mj_step_per_sec": steps / raw, "overhead": sec / raw - 1.0}
+
+
+def locomotion_cases(device: str, quick: bool) -> Iterator[Case]:
+    """halfcheetah-vel sampling, T = 40 (8 with ``quick``), E = 20, H = 100: in-process and
+    with 2 worker processes."""
+    for workers in (0, 2):
+        yield Case(section="locomotion", algo="sampler", k=0,
+                   impl="in-process" if workers == 0 else f"{workers} workers", device=device,
+                   meta_batch=8 if quick else 40, repeats=2 if quick else 3, warmup=1,
+                   options={"workers": workers})
+
+
 SECTIONS: dict[str, tuple[Callable[[str, bool], Iterator[Case]], Callable[[Case], Row]]] = {
     "sinusoid": (sinusoid_cases, run_sinusoid),
     "rl": (rl_cases, run_rl),
     "omniglot": (omniglot_cases, run_omniglot),
+    "locomotion": (locomotion_cases, run_locomotion),
 }
 
 

@@ -21,8 +21,9 @@ implementation by overriding :meth:`RLFamily.batch_env`.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gymnasium
@@ -36,6 +37,7 @@ from metarl.rl.batch import RLBatch, RLConfig
 from metarl.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy, Policy
 from metarl.rl.sampler import BatchEnv, GymBatchEnv, NormalizedActions
 from metarl.rl.trpo import TRPO, TRPOConfig, make_readapt
+from metarl.rl.workers import EnvSlots, GymSlots, WorkerBatchEnv
 from metarl.types import ConfigError, Params
 
 Task = dict[str, Any]
@@ -68,6 +70,10 @@ class RLFamily:
         init_std: initial standard deviation of a Gaussian policy.
         normalize_actions: the policy acts in ``[-1, 1]`` units mapped onto the
             action Box (rllab's convention); None: the family's ``default_normalize_actions``.
+        workers: 0 steps the environments in this process (:class:`GymBatchEnv`); N > 0
+            steps them in N worker processes (:class:`~metarl.rl.workers.WorkerBatchEnv`),
+            for machines with many cores. Trajectories are the same for every value.
+            A family whose :meth:`batch_env` ignores workers (tensor physics) rejects N > 0.
     """
 
     name = "rl-family"
@@ -84,7 +90,8 @@ class RLFamily:
     def __init__(self, rollouts: int = 20, horizon: int | None = None, gamma: float = 0.99,
                  gae_lambda: float = 1.0, estimator: str = "reinforce",
                  hidden: Sequence[int] | None = None, activation: str | None = None,
-                 init_std: float = 1.0, normalize_actions: bool | None = None) -> None:
+                 init_std: float = 1.0, normalize_actions: bool | None = None,
+                 workers: int = 0) -> None:
         self.rl = RLConfig(rollouts=int(rollouts), horizon=int(horizon or self.default_horizon),
                            gamma=float(gamma), gae_lambda=float(gae_lambda), estimator=estimator)
         self.hidden = tuple(int(h) for h in (hidden or self.default_hidden))
@@ -92,6 +99,10 @@ class RLFamily:
         self.init_std = float(init_std)
         self.normalize_actions = (self.default_normalize_actions if normalize_actions is None
                                   else bool(normalize_actions))
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ConfigError(f"workers must be an integer >= 0, got {workers!r}: 0 steps the "
+                              "environments in this process, N > 0 in N worker processes")
+        self.workers = workers
         self._policy: Policy | None = None
         self._envs: dict[tuple[str, str, int], BatchEnv] = {}
 
@@ -106,8 +117,17 @@ class RLFamily:
 
     # --- optional overrides ---------------------------------------------------
     def batch_env(self, device: torch.device, dtype: torch.dtype) -> BatchEnv:
-        """The T x E environments the sampler steps (default: plain Gymnasium envs on CPU)."""
+        """The T x E environments the sampler steps (default: plain Gymnasium envs on CPU,
+        in this process or in ``workers`` processes)."""
+        if self.workers:
+            return WorkerBatchEnv(self.slots_factory(), self.workers, device=device, dtype=dtype)
         return GymBatchEnv(self.make_env, device=device, dtype=dtype)
+
+    def slots_factory(self) -> Callable[[], EnvSlots]:
+        """Builds, in each worker process, the environments of its share of the slots
+        (default: ``make_env``'s environments stepped one by one, :class:`GymSlots`). It is
+        pickled to the workers; a family with faster batched physics returns its own."""
+        return functools.partial(GymSlots, self.make_env)
 
     def check_task(self, task: Any) -> Task:
         """Validate a user's task spec (``metarl adapt --task``); raise ValueError naming the fix."""
@@ -126,7 +146,12 @@ class RLFamily:
         return {"rollouts": c.rollouts, "horizon": c.horizon, "gamma": c.gamma,
                 "gae_lambda": c.gae_lambda, "estimator": c.estimator, "hidden": list(self.hidden),
                 "activation": self.activation, "init_std": self.init_std,
-                "normalize_actions": self.normalize_actions}
+                "normalize_actions": self.normalize_actions, "workers": self.workers}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (e.g. ``make_env`` sent to worker processes) without the cached batch
+        environments, which hold processes."""
+        return {**self.__dict__, "_envs": {}}
 
     def describe(self) -> str:
         return "\n".join([
@@ -172,6 +197,10 @@ class RLFamily:
         key = (str(device), str(dtype), n)
         if key not in self._envs:
             env = self.batch_env(device, dtype)
+            if self.workers and not isinstance(env, WorkerBatchEnv):
+                raise ConfigError(f"family {self.name!r} steps its environments with "
+                                  f"{type(env).__name__}, not in worker processes: drop the "
+                                  "workers option")
             act = self._spaces()[1]
             if self.normalize_actions and isinstance(act, gymnasium.spaces.Box):
                 env = NormalizedActions(env, torch.as_tensor(act.low), torch.as_tensor(act.high))
