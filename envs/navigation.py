@@ -359,9 +359,12 @@ class Navigation2DFamily(RLFamily):
     to the goal after the move (the paper's text says squared; every code base
     and the published numbers use plain L2). Episode: 100 steps, done when within
     0.01 of the goal on both axes. The sampler steps all T x E environments as
-    tensors on the learner's device. The policy outputs velocities directly, as
-    in the PyTorch port; ``normalize_actions=True`` maps [-1, 1] policy units
-    onto the [-0.1, 0.1] box instead, as the paper's rllab code did. Oracle: the
+    tensors on the learner's device. The policy acts in [-1, 1] units mapped
+    onto the [-0.1, 0.1] box, as the paper's rllab code did (``normalize``);
+    with ``normalize_actions=False`` it outputs velocities directly, as the
+    PyTorch port does. With raw velocities an initial std of 1 is ten times the
+    box and every action saturates; meta-training then needs many more
+    iterations (README has both). Oracle: the
     policy that is given the goal and moves straight to it at full speed
     (deterministic, an upper bound).
     """
@@ -369,7 +372,7 @@ class Navigation2DFamily(RLFamily):
     name = "navigation2d"
     description = "2D point navigation to a goal in [-0.5, 0.5]^2 (MAML paper 5.3)"
     default_horizon = HORIZON
-    default_normalize_actions = False  # as the PyTorch port; the paper's rllab code normalised
+    default_normalize_actions = True  # rllab's convention, which the published numbers used
 
     def sample_tasks(self, n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
         return sample_tasks(n, rng)
