@@ -11,6 +11,7 @@ Storage layout is ``[T, E, H, ...]`` (tasks, episodes, time steps).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -23,7 +24,8 @@ from torch import Tensor
 from metarl.rl.policies import Policy
 from metarl.types import Params
 
-__all__ = ["BatchEnv", "GymBatchEnv", "Rollouts", "sample"]
+__all__ = ["BatchEnv", "EnvSlots", "GymBatchEnv", "GymSlots", "Rollouts", "SlotError", "SlotsBatchEnv",
+           "sample"]
 
 Task = Mapping[str, Any]
 
@@ -104,92 +106,101 @@ class BatchEnv(Protocol):
         ...
 
 
-class GymBatchEnv:
-    """``T x E`` plain Gymnasium environments behind the :class:`BatchEnv` interface.
+class EnvSlots(Protocol):
+    """``n`` environments stepped together in numpy: the *slots* of a sampling call.
 
-    The environments step one after the other in this process (the step call
-    itself is a Python loop; everything around it is batched): actions go
-    device -> numpy once per time step, observations, rewards and done flags
-    come back as one array each. Finished episodes are not stepped again.
-    ``gymnasium.vector.SyncVectorEnv`` is not used: in every autoreset mode of
-    Gymnasium 1.4 it steps (or resets) all sub-environments at every step, and
-    it passes one ``options`` dict to all of them, not one task each.
-
-    Environments are built lazily by ``make_env(task)`` and kept between
-    resets; slot ``i = t * E + e`` runs task ``t``. A slot whose task changed
-    is rebuilt, unless ``task_option=True``: then the env is kept and the new
-    task is passed as ``env.reset(options={"task": spec})`` (metarl's own
-    families support this and it avoids rebuilding MuJoCo models).
-
-    Args:
-        make_env: builds an environment for one task spec, e.g.
-            ``lambda task: gymnasium.make("Pendulum-v1", g=task["g"])``.
-        device: where observations, rewards and done flags are returned.
-        dtype: float dtype of observations and rewards.
-        task_option: switch tasks with ``reset(options={"task": spec})``.
-        clip_actions: clip ``Box`` actions to the action space bounds before
-            ``env.step`` (the sampler stores the unclipped ones).
+    Slot ``i = t * E + e`` runs task ``t``. Once an episode is done it is not
+    stepped again: its observation stays frozen and its reward is 0, until the
+    next :meth:`reset`. :class:`GymSlots` steps plain Gymnasium environments one
+    after the other; a family with batched physics provides its own (see
+    :class:`metarl.envs.locomotion.LocomotionSlots`).
     """
 
-    def __init__(self, make_env: Callable[[Task], gymnasium.Env], *,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 task_option: bool = False, clip_actions: bool = True) -> None:
-        self.make_env = make_env
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.task_option = task_option
-        self.clip_actions = clip_actions
-        self.envs: list[gymnasium.Env] = []
-        self._specs: list[Task] = []
-        self._shape: tuple[int, int] = (0, 0)
-        self._obs = np.zeros((0, 0))  # [T*E, obs] float64
-        self._done = np.zeros(0, dtype=bool)  # [T*E]
+    action_space: gymnasium.Space
+    """The environments' action space (valid after a reset with at least one slot)."""
 
-    def _env_for(self, i: int, task: Task) -> gymnasium.Env:
-        """The env of slot ``i`` for ``task``: reused when possible, else (re)built."""
-        if i < len(self.envs):
-            if self.task_option or self._specs[i] == task:
-                self._specs[i] = task
-                return self.envs[i]
-            self.envs[i].close()
-            self.envs[i], self._specs[i] = self.make_env(task), task
+    def reset(self, tasks: Sequence[Task], seeds: Sequence[int]) -> np.ndarray:
+        """Start slot ``k`` on ``tasks[k]`` with seed ``seeds[k]``: obs ``[n, obs]`` float64."""
+        ...
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``actions [n, ...]`` -> obs ``[n, obs]`` float64, reward ``[n]``, done ``[n]`` bool."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class SlotError(Exception):
+    """Raised by an :class:`EnvSlots` when the environment of local slot ``k`` raised;
+    the environment's own exception is its ``__cause__``."""
+
+    def __init__(self, k: int, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.k = k
+
+
+class GymSlots:
+    """Plain Gymnasium environments as :class:`EnvSlots`, stepped one after the other.
+
+    Environments are built lazily by ``make_env(task)`` and kept between
+    resets. A slot whose task changed is rebuilt, unless ``task_option=True``:
+    then the env is kept and the new task is passed as
+    ``env.reset(options={"task": spec})`` (metarl's own families support this
+    and it avoids rebuilding MuJoCo models).
+
+    Args:
+        make_env: builds the environment of one task, e.g.
+            ``lambda task: gymnasium.make("Pendulum-v1", g=task["g"])``.
+        task_option: switch tasks with ``reset(options={"task": spec})``.
+    """
+
+    def __init__(self, make_env: Callable[[Task], gymnasium.Env], task_option: bool = False) -> None:
+        self.make_env, self.task_option = make_env, task_option
+        self.envs: list[gymnasium.Env] = []
+        self.specs: list[Task] = []
+        self.obs = np.zeros((0, 0))  # [n, obs] float64
+        self.done = np.zeros(0, dtype=bool)  # [n]
+
+    @property
+    def action_space(self) -> gymnasium.Space:
+        return self.envs[0].action_space
+
+    def _env_for(self, k: int, task: Task) -> gymnasium.Env:
+        """The env of slot ``k`` for ``task``: reused when possible, else (re)built."""
+        if k < len(self.envs):
+            if self.task_option or self.specs[k] == task:
+                self.specs[k] = task
+                return self.envs[k]
+            self.envs[k].close()
+            self.envs[k], self.specs[k] = self.make_env(task), task
         else:
             self.envs.append(self.make_env(task))
-            self._specs.append(task)
-        return self.envs[i]
+            self.specs.append(task)
+        return self.envs[k]
 
-    def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int) -> Tensor:
-        """Reset ``len(tasks) * n_episodes`` envs, env ``i`` with its own seed
-        derived from ``seed`` (``numpy.random.SeedSequence``): obs ``[T, E, obs]``."""
-        if n_episodes < 1:
-            raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        T, E = len(tasks), n_episodes
-        n = T * E
+    def reset(self, tasks: Sequence[Task], seeds: Sequence[int]) -> np.ndarray:
+        n = len(tasks)
         for env in self.envs[n:]:
             env.close()
-        del self.envs[n:], self._specs[n:]
-        seeds = np.random.SeedSequence(int(seed)).generate_state(n)  # [n] uint32
-        first: list[np.ndarray] = []
-        for i in range(n):
-            env = self._env_for(i, tasks[i // E])
-            options = {"task": dict(tasks[i // E])} if self.task_option else None
-            obs, _ = env.reset(seed=int(seeds[i]), options=options)
+        del self.envs[n:], self.specs[n:]
+        first = []
+        for k, (task, seed) in enumerate(zip(tasks, seeds)):
+            options = {"task": dict(task)} if self.task_option else None
+            try:
+                obs, _ = self._env_for(k, task).reset(seed=int(seed), options=options)
+            except Exception as e:
+                raise SlotError(k, e) from e
             first.append(np.asarray(obs, dtype=np.float64).reshape(-1))
         self._check_spaces()
-        self._shape = (T, E)
-        self._obs = np.stack(first) if n else np.zeros((0, 0))  # [n, obs]
-        self._done = np.zeros(n, dtype=bool)
-        return self._to_torch(self._obs).reshape(T, E, -1)
+        self.obs = np.stack(first) if first else np.zeros((0, 0))
+        self.done = np.zeros(n, dtype=bool)
+        return self.obs.copy()
 
     def _check_spaces(self) -> None:
         if not self.envs:
             return
-        space0 = self.envs[0].action_space
-        if not isinstance(space0, (gymnasium.spaces.Box, gymnasium.spaces.Discrete)):
-            raise TypeError(f"GymBatchEnv supports Box and Discrete action spaces, got {space0}")
-        obs0 = self.envs[0].observation_space
+        space0, obs0 = self.envs[0].action_space, self.envs[0].observation_space
         for env in self.envs[1:]:
             if env.action_space != space0 or env.observation_space.shape != obs0.shape:
                 raise ValueError(
@@ -197,36 +208,152 @@ class GymBatchEnv:
                     f"{env.action_space}, observation shapes {obs0.shape} and "
                     f"{env.observation_space.shape}: make_env must build one family")
 
-    def _to_torch(self, x: np.ndarray) -> Tensor:
-        return torch.from_numpy(x).to(device=self.device, dtype=self.dtype)
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        discrete = isinstance(self.action_space, gymnasium.spaces.Discrete)
+        reward = np.zeros(len(self.envs))  # [n]
+        for k in np.flatnonzero(~self.done):
+            try:
+                obs, r, terminated, truncated, _ = self.envs[k].step(
+                    int(actions[k]) if discrete else actions[k])
+            except Exception as e:
+                raise SlotError(int(k), e) from e
+            self.obs[k] = np.asarray(obs, dtype=np.float64).reshape(-1)
+            reward[k] = float(r)
+            self.done[k] = bool(terminated or truncated)
+        return self.obs.copy(), reward, self.done.copy()
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+        self.envs, self.specs = [], []
+
+
+class SlotsBatchEnv:
+    """``T x E`` :class:`EnvSlots` stepped in this process, behind the :class:`BatchEnv`
+    interface.
+
+    Slot ``i = t * E + e`` runs task ``t`` with the environment seed
+    ``SeedSequence(seed).generate_state(T * E)[i]``. Actions go device -> numpy
+    once per time step (cast to the action space's dtype and, for ``Box``
+    spaces, clipped to its bounds); observations, rewards and done flags come
+    back as one tensor each. An environment's exception reaches the caller as
+    it was raised. :class:`metarl.rl.workers.WorkerBatchEnv` runs the same
+    slots in worker processes.
+
+    Args:
+        make_slots: builds the :class:`EnvSlots` (once, at the first reset).
+        device: where observations, rewards and done flags are returned.
+        dtype: float dtype of observations and rewards.
+        clip_actions: clip ``Box`` actions to the action space bounds before stepping
+            (the sampler stores the unclipped ones).
+    """
+
+    def __init__(self, make_slots: Callable[[], EnvSlots], *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, clip_actions: bool = True) -> None:
+        self.make_slots = make_slots
+        self.device, self.dtype = torch.device(device), dtype
+        self.clip_actions = clip_actions
+        self._local: EnvSlots | None = None
+        self._space: gymnasium.Space | None = None
+        self._tasks: list[dict[str, Any]] = []
+        self._shape = (0, 0)
+        self._seed = 0
+        self._seeds = np.zeros(0, dtype=np.uint32)
+        self._step = 0
+
+    def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int) -> Tensor:
+        """Reset ``len(tasks) * n_episodes`` slots, each with its own seed derived from
+        ``seed`` (``numpy.random.SeedSequence``): obs ``[T, E, obs]``."""
+        if n_episodes < 1:
+            raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        T, E = len(tasks), n_episodes
+        self._tasks, self._shape, self._seed = [dict(t) for t in tasks], (T, E), int(seed)
+        self._seeds = np.random.SeedSequence(int(seed)).generate_state(T * E)  # [n] uint32
+        self._step = 0
+        obs, self._space = self._reset_slots()  # [n, obs]
+        if self._space is not None and not isinstance(
+                self._space, (gymnasium.spaces.Box, gymnasium.spaces.Discrete)):
+            raise TypeError(f"{type(self).__name__} supports Box and Discrete action spaces, got "
+                            f"{self._space}")
+        return self._to_torch(obs).reshape(T, E, -1)
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Step every env whose episode is still running (see :class:`BatchEnv`)."""
+        """Step every slot whose episode is still running (see :class:`BatchEnv`)."""
         T, E = self._shape
-        if not self.envs:
-            raise RuntimeError("GymBatchEnv.step called before reset: call reset first")
-        space = self.envs[0].action_space
+        space = self._space
+        if space is None:
+            raise RuntimeError(f"{type(self).__name__}.step called before reset: call reset first")
         a = actions.detach().reshape(T * E, *actions.shape[2:]).cpu().numpy()  # [n, ...]
         if isinstance(space, gymnasium.spaces.Box):
             a = a.astype(space.dtype, copy=False)
             if self.clip_actions:
                 a = np.clip(a, space.low, space.high)
-        reward = np.zeros(T * E)  # [n]
-        for i in np.flatnonzero(~self._done):
-            act = int(a[i]) if isinstance(space, gymnasium.spaces.Discrete) else a[i]
-            obs, r, terminated, truncated, _ = self.envs[i].step(act)
-            self._obs[i] = np.asarray(obs, dtype=np.float64).reshape(-1)
-            reward[i] = float(r)
-            self._done[i] = bool(terminated or truncated)
-        obs_t = self._to_torch(self._obs).reshape(T, E, -1)  # [T, E, obs]
-        reward_t = self._to_torch(reward).reshape(T, E)  # [T, E]
-        done_t = torch.from_numpy(self._done.copy()).to(self.device).reshape(T, E)  # [T, E]
-        return obs_t, reward_t, done_t
+        self._step += 1
+        obs, reward, done = self._step_slots(a)
+        return (self._to_torch(obs).reshape(T, E, -1), self._to_torch(reward).reshape(T, E),
+                torch.from_numpy(done).to(self.device).reshape(T, E))
+
+    def _slot_tasks(self) -> list[dict[str, Any]]:
+        E = self._shape[1]
+        return [self._tasks[i // E] for i in range(len(self._seeds))]
+
+    def _reset_slots(self) -> tuple[np.ndarray, gymnasium.Space | None]:
+        """Reset every slot: obs ``[n, obs]`` and the action space (None without slots)."""
+        if self._local is None:
+            self._local = self.make_slots()
+        try:
+            obs = self._local.reset(self._slot_tasks(), [int(s) for s in self._seeds])
+        except SlotError as e:
+            raise (e.__cause__ or e) from None
+        return obs, (self._local.action_space if len(self._seeds) else None)
+
+    def _step_slots(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert self._local is not None
+        try:
+            return self._local.step(a)
+        except SlotError as e:
+            raise (e.__cause__ or e) from None
+
+    def _to_torch(self, x: np.ndarray) -> Tensor:
+        return torch.from_numpy(x).to(device=self.device, dtype=self.dtype)
 
     def close(self) -> None:
-        for env in self.envs:
-            env.close()
-        self.envs, self._specs = [], []
+        """Close the environments."""
+        local, self._local = self._local, None
+        if local is not None:
+            local.close()
+
+
+class GymBatchEnv(SlotsBatchEnv):
+    """``T x E`` plain Gymnasium environments behind the :class:`BatchEnv` interface:
+    :class:`GymSlots` stepped in this process by :class:`SlotsBatchEnv`.
+
+    The environments step one after the other (the step call itself is a Python
+    loop; everything around it is batched). Finished episodes are not stepped
+    again. ``gymnasium.vector.SyncVectorEnv`` is not used: in every autoreset
+    mode of Gymnasium 1.4 it steps (or resets) all sub-environments at every
+    step, and it passes one ``options`` dict to all of them, not one task each.
+
+    Args:
+        make_env: builds an environment for one task spec (see :class:`GymSlots`).
+        device, dtype, clip_actions: as :class:`SlotsBatchEnv`.
+        task_option: switch tasks with ``reset(options={"task": spec})`` instead of
+            rebuilding the environment.
+    """
+
+    def __init__(self, make_env: Callable[[Task], gymnasium.Env], *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 task_option: bool = False, clip_actions: bool = True) -> None:
+        self.make_env = make_env
+        super().__init__(functools.partial(GymSlots, make_env, task_option), device=device,
+                         dtype=dtype, clip_actions=clip_actions)
+
+    @property
+    def envs(self) -> list[gymnasium.Env]:
+        """The environments of the slots (empty before the first reset)."""
+        return self._local.envs if isinstance(self._local, GymSlots) else []
 
 
 def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task],

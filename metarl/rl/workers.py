@@ -30,14 +30,14 @@ import multiprocessing.connection
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import gymnasium
 import numpy as np
 import torch
 from gymnasium.vector import AsyncVectorEnv
-from torch import Tensor
 
+from metarl.rl.sampler import EnvSlots, GymSlots, SlotError, SlotsBatchEnv
 from metarl.types import ConfigError
 
 __all__ = ["EnvSlice", "EnvSlots", "GymSlots", "SlotError", "WorkerBatchEnv", "WorkerError",
@@ -46,103 +46,6 @@ __all__ = ["EnvSlice", "EnvSlots", "GymSlots", "SlotError", "WorkerBatchEnv", "W
 log = logging.getLogger(__name__)
 
 Task = Mapping[str, Any]
-
-
-class EnvSlots(Protocol):
-    """``n`` environments stepped together in numpy (one worker's share of the slots).
-
-    Once an episode is done it is not stepped again: its observation stays
-    frozen and its reward is 0, until the next :meth:`reset`.
-    """
-
-    action_space: gymnasium.Space
-    """The environments' action space (valid after a reset with at least one slot)."""
-
-    def reset(self, tasks: Sequence[Task], seeds: Sequence[int]) -> np.ndarray:
-        """Start slot ``k`` on ``tasks[k]`` with seed ``seeds[k]``: obs ``[n, obs]`` float64."""
-        ...
-
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``actions [n, ...]`` -> obs ``[n, obs]`` float64, reward ``[n]``, done ``[n]`` bool."""
-        ...
-
-    def close(self) -> None:
-        ...
-
-
-class SlotError(Exception):
-    """Raised by an :class:`EnvSlots` when the environment of local slot ``k`` raised."""
-
-    def __init__(self, k: int, error: BaseException) -> None:
-        super().__init__(f"{type(error).__name__}: {error}")
-        self.k = k
-
-
-class GymSlots:
-    """Plain Gymnasium environments as :class:`EnvSlots`, stepped one after the other
-    (what :class:`~metarl.rl.sampler.GymBatchEnv` does, in numpy).
-
-    Args:
-        make_env: builds the environment of one task; environments are kept between
-            resets and rebuilt when a slot's task changes.
-    """
-
-    def __init__(self, make_env: Callable[[Task], gymnasium.Env]) -> None:
-        self.make_env = make_env
-        self.envs: list[gymnasium.Env] = []
-        self.specs: list[Task] = []
-        self.obs = np.zeros((0, 0))  # [n, obs] float64
-        self.done = np.zeros(0, dtype=bool)  # [n]
-
-    @property
-    def action_space(self) -> gymnasium.Space:
-        return self.envs[0].action_space
-
-    def _env_for(self, k: int, task: Task) -> gymnasium.Env:
-        if k < len(self.envs):
-            if self.specs[k] == task:
-                return self.envs[k]
-            self.envs[k].close()
-            self.envs[k], self.specs[k] = self.make_env(task), task
-        else:
-            self.envs.append(self.make_env(task))
-            self.specs.append(task)
-        return self.envs[k]
-
-    def reset(self, tasks: Sequence[Task], seeds: Sequence[int]) -> np.ndarray:
-        n = len(tasks)
-        for env in self.envs[n:]:
-            env.close()
-        del self.envs[n:], self.specs[n:]
-        first = []
-        for k, (task, seed) in enumerate(zip(tasks, seeds)):
-            try:
-                obs, _ = self._env_for(k, task).reset(seed=int(seed))
-            except Exception as e:
-                raise SlotError(k, e) from e
-            first.append(np.asarray(obs, dtype=np.float64).reshape(-1))
-        self.obs = np.stack(first) if first else np.zeros((0, 0))
-        self.done = np.zeros(n, dtype=bool)
-        return self.obs.copy()
-
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        discrete = isinstance(self.action_space, gymnasium.spaces.Discrete)
-        reward = np.zeros(len(self.envs))  # [n]
-        for k in np.flatnonzero(~self.done):
-            try:
-                obs, r, terminated, truncated, _ = self.envs[k].step(
-                    int(actions[k]) if discrete else actions[k])
-            except Exception as e:
-                raise SlotError(int(k), e) from e
-            self.obs[k] = np.asarray(obs, dtype=np.float64).reshape(-1)
-            reward[k] = float(r)
-            self.done[k] = bool(terminated or truncated)
-        return self.obs.copy(), reward, self.done.copy()
-
-    def close(self) -> None:
-        for env in self.envs:
-            env.close()
-        self.envs, self.specs = [], []
 
 
 class WorkerError(ConfigError):
@@ -229,23 +132,21 @@ class EnvSlice(gymnasium.Env):
             self.slots.close()
 
 
-class WorkerBatchEnv:
+class WorkerBatchEnv(SlotsBatchEnv):
     """``T x E`` environment slots behind the :class:`~metarl.rl.sampler.BatchEnv`
-    interface, stepped in this process (``workers=0``) or in ``workers`` processes.
+    interface, stepped in this process (``workers=0``, as
+    :class:`~metarl.rl.sampler.SlotsBatchEnv`) or in ``workers`` processes.
 
-    Same contract and, for :class:`GymSlots`, the same trajectories as
-    :class:`~metarl.rl.sampler.GymBatchEnv`. The worker processes start at the
-    first :meth:`reset` (``spawn`` method) and live until :meth:`close`;
-    ``make_slots`` is pickled to them, so it must be importable there (e.g.
-    ``functools.partial`` of a module-level class, or a family's
-    :meth:`~metarl.rl.family.RLFamily.slots_factory`).
+    Same contract, seeds and trajectories whatever the number of workers. The
+    worker processes start at the first :meth:`reset` (``spawn`` method) and
+    live until :meth:`close`; ``make_slots`` is pickled to them, so it must be
+    importable there (e.g. ``functools.partial`` of a module-level class, or a
+    family's :meth:`~metarl.rl.family.RLFamily.slots_factory`).
 
     Args:
         make_slots: builds an :class:`EnvSlots` (called once per worker, or once here).
         workers: 0 steps every slot in this process; N > 0 in N worker processes.
-        device: where observations, rewards and done flags are returned.
-        dtype: float dtype of observations and rewards.
-        clip_actions: clip ``Box`` actions to the action space bounds before stepping.
+        device, dtype, clip_actions: as :class:`~metarl.rl.sampler.SlotsBatchEnv`.
         context: multiprocessing start method, ``"spawn"`` or ``"forkserver"``
             (both safe with a CUDA learner in the parent).
 
@@ -263,18 +164,10 @@ class WorkerBatchEnv:
         if context not in ("spawn", "forkserver"):
             raise ValueError(f"context {context!r} is not safe with a CUDA parent: use 'spawn' "
                              "or 'forkserver'")
-        self.make_slots, self.workers, self.context = make_slots, workers, context
-        self.device, self.dtype = torch.device(device), dtype
-        self.clip_actions = clip_actions
-        self._local: EnvSlots | None = None
+        super().__init__(make_slots, device=device, dtype=dtype, clip_actions=clip_actions)
+        self.workers, self.context = workers, context
         self._vec: AsyncVectorEnv | None = None
-        self._space: gymnasium.Space | None = None
-        self._tasks: list[dict[str, Any]] = []
-        self._shape = (0, 0)
-        self._seed = 0
-        self._seeds = np.zeros(0, dtype=np.uint32)
         self._bounds: list[tuple[int, int]] = []
-        self._step = 0
 
     # --- workers ---------------------------------------------------------------
     def _start(self) -> AsyncVectorEnv:
@@ -348,74 +241,35 @@ class WorkerBatchEnv:
             p.join(timeout=10)
         vec.closed = True  # its processes are gone: nothing left for close() or __del__
 
-    # --- BatchEnv --------------------------------------------------------------
-    def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int) -> Tensor:
-        """Reset ``len(tasks) * n_episodes`` slots (seeds as :class:`GymBatchEnv`): obs
-        ``[T, E, obs]``."""
-        if n_episodes < 1:
-            raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
-        if not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        T, E = len(tasks), n_episodes
-        n = T * E
-        self._tasks, self._shape, self._seed = [dict(t) for t in tasks], (T, E), int(seed)
-        self._seeds = np.random.SeedSequence(int(seed)).generate_state(n)  # [n] uint32
-        self._step = 0
+    # --- SlotsBatchEnv ----------------------------------------------------------
+    def _reset_slots(self) -> tuple[np.ndarray, gymnasium.Space | None]:
         if self.workers == 0:
-            if self._local is None:
-                self._local = self.make_slots()
-            obs = self._local.reset([self._tasks[i // E] for i in range(n)],
-                                    [int(s) for s in self._seeds])  # [n, obs]
-            self._space = self._local.action_space if n else None
-        else:
-            self._bounds = split_slots(n, self.workers)
-            results = self._call("slots_reset", self._tasks, E, self._seeds, self._bounds,
-                                 what="at reset")
-            spaces = [space for _, space in results if space is not None]
-            if any(s != spaces[0] for s in spaces):
-                raise ValueError(f"all environments must share their action space, got "
-                                 f"{sorted(set(map(str, spaces)))}: build one family's envs")
-            self._space = spaces[0] if spaces else None
-            obs = np.concatenate([o for o, _ in results if len(o)]) if n else np.zeros((0, 0))
-        if self._space is not None and not isinstance(
-                self._space, (gymnasium.spaces.Box, gymnasium.spaces.Discrete)):
-            raise TypeError(f"WorkerBatchEnv supports Box and Discrete action spaces, got "
-                            f"{self._space}")
-        return self._to_torch(obs).reshape(T, E, -1)
+            return super()._reset_slots()
+        n, E = len(self._seeds), self._shape[1]
+        self._bounds = split_slots(n, self.workers)
+        results = self._call("slots_reset", self._tasks, E, self._seeds, self._bounds,
+                             what="at reset")
+        spaces = [space for _, space in results if space is not None]
+        if any(s != spaces[0] for s in spaces):
+            raise ValueError(f"all environments must share their action space, got "
+                             f"{sorted(set(map(str, spaces)))}: build one family's envs")
+        obs = np.concatenate([o for o, _ in results if len(o)]) if n else np.zeros((0, 0))
+        return obs, (spaces[0] if spaces else None)
 
-    def _to_torch(self, x: np.ndarray) -> Tensor:
-        return torch.from_numpy(x).to(device=self.device, dtype=self.dtype)
-
-    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Step every slot whose episode is still running (see
-        :class:`~metarl.rl.sampler.BatchEnv`)."""
-        T, E = self._shape
-        space = self._space
-        if space is None:
-            raise RuntimeError("WorkerBatchEnv.step called before reset: call reset first")
-        a = actions.detach().reshape(T * E, *actions.shape[2:]).cpu().numpy()  # [n, ...]
-        if isinstance(space, gymnasium.spaces.Box):
-            a = a.astype(space.dtype, copy=False)
-            if self.clip_actions:
-                a = np.clip(a, space.low, space.high)
-        self._step += 1
-        if self._local is not None and self.workers == 0:
-            obs, reward, done = self._local.step(a)
-        else:
-            parts = [r for r, (start, end) in
-                     zip(self._call("slots_step", a, what=f"at step {self._step}"), self._bounds)
-                     if end > start]
-            obs = np.concatenate([o for o, _, _ in parts])  # [n, obs]
-            reward = np.concatenate([r for _, r, _ in parts])  # [n]
-            done = np.concatenate([d for _, _, d in parts])  # [n]
-        return (self._to_torch(obs).reshape(T, E, -1), self._to_torch(reward).reshape(T, E),
-                torch.from_numpy(done).to(self.device).reshape(T, E))
+    def _step_slots(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.workers == 0:
+            return super()._step_slots(a)
+        parts = [r for r, (start, end) in
+                 zip(self._call("slots_step", a, what=f"at step {self._step}"), self._bounds)
+                 if end > start]
+        obs = np.concatenate([o for o, _, _ in parts])  # [n, obs]
+        reward = np.concatenate([r for _, r, _ in parts])  # [n]
+        done = np.concatenate([d for _, _, d in parts])  # [n]
+        return obs, reward, done
 
     def close(self) -> None:
         """Close the environments and stop the workers."""
-        local, self._local = self._local, None
-        if local is not None:
-            local.close()
+        super().close()
         vec, self._vec = self._vec, None
         if vec is not None:
             vec.close()
