@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from metarl import checkpoint, families
-from metarl.cli.common import THREADS_HELP, set_threads, UserError, err, out, user_errors
+from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, UserError, err, out, set_threads,
+                               user_errors, with_family_options)
 from metarl.rl.family import RLFamily, adapt_steps, parse_task_json
 from metarl.types import resolve_device, resolve_dtype
 
@@ -22,6 +23,7 @@ def adapt(
     lr: Annotated[Optional[list[float]], typer.Option(help="Inner learning rate; repeat for one per step (--lr 0.1 --lr 0.05). \\[default: the family's test-time rates]")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sampled trajectories.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    family_opt: Annotated[Optional[list[str]], typer.Option(help=FAMILY_OPT_HELP)] = None,
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP)] = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Save the adapted policy here (a checkpoint that metarl adapt/evaluate load again).")] = None,
 ) -> None:
@@ -31,7 +33,7 @@ def adapt(
     """
     with user_errors():
         set_threads(threads)
-        state = checkpoint.load(run)
+        state = with_family_options(checkpoint.load(run), family_opt)
         cfg = state["config"]
         family = families.make(cfg["family"], **cfg.get("family_options", {}))
         if not isinstance(family, RLFamily):

@@ -60,6 +60,37 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
     return opts
 
 
+FAMILY_OPT_HELP = ("Override a family option of the run as KEY=VALUE (JSON values), repeatable: "
+                   "rollouts=40, workers=2, oracle_run=runs/cheetah-oracle. Options that change "
+                   "the model's shape are refused.")
+
+
+def with_family_options(state: dict[str, Any], pairs: list[str] | None) -> dict[str, Any]:
+    """The checkpoint ``state`` with ``--family-opt`` pairs merged into its family options.
+
+    The family is rebuilt with the merged options and must still fit the
+    checkpoint's parameters (same names and shapes), so a typo in an option or
+    one that would change the model gives a one-line error, not a shape error
+    deep in a forward pass.
+    """
+    opts = parse_options(pairs)
+    if not opts:
+        return state
+    import torch
+
+    from metarl import families
+
+    cfg = dict(state["config"])
+    cfg["family_options"] = {**cfg.get("family_options", {}), **opts}
+    fam = families.make(cfg["family"], **cfg["family_options"])
+    fresh = fam.init_params(torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)
+    theta = state["theta"]
+    if {k: tuple(v.shape) for k, v in fresh.items()} != {k: tuple(v.shape) for k, v in theta.items()}:
+        raise UserError(f"--family-opt {' '.join(pairs or [])} changes the model of this run; only "
+                        "options that keep its parameters (rollouts, workers, horizon, ...) can change")
+    return {**state, "config": cfg}
+
+
 THREADS_HELP = ("Torch CPU threads (on a small shared machine 1 is often fastest). "
                 "\\[default: $METARL_THREADS, else torch's default]")
 

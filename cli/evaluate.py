@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from metarl.cli.common import THREADS_HELP, set_threads, err, out, user_errors
+from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, err, out, set_threads, user_errors,
+                               with_family_options)
 from metarl import checkpoint, families
 from metarl.checkpoint import atomic_write
 from metarl.evaluate import evaluate_checkpoint, pretrained_baseline
@@ -24,6 +25,7 @@ def evaluate(
     shots: Annotated[Optional[int], typer.Option(min=1, help="Test-time support size (supervised families), e.g. 5 for the paper's 5-shot sinusoid numbers.")] = None,
     query: Annotated[Optional[int], typer.Option(min=1, help="Test-time query size per task/class (supervised families).")] = None,
     data: Annotated[Optional[list[Path]], typer.Option(help="Meta-test on another data set (repeatable), all of whose classes are test classes, e.g. Omniglot's images_evaluation.zip after training on images_background.zip.")] = None,
+    family_opt: Annotated[Optional[list[str]], typer.Option(help=FAMILY_OPT_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Test seed; test tasks never come from the training stream.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     baselines: Annotated[bool, typer.Option(help="Also evaluate the family's baselines (RL: random init, pretrained, oracle).")] = True,
@@ -37,10 +39,12 @@ def evaluate(
     """Adapt to fresh test tasks and report the metric after 0..K steps (mean and 95% CI).
 
     Example: metarl evaluate runs/sinusoid-maml --shots 5 --steps 10 --plot curve.png
+
+    Example: metarl evaluate runs/cheetah-vel --family-opt workers=2 --family-opt oracle_run=runs/cheetah-vel-oracle
     """
     with user_errors():
         set_threads(threads)
-        state = checkpoint.load(run)
+        state = with_family_options(checkpoint.load(run), family_opt)
         if data:
             cfg = dict(state["config"])
             cfg["family_options"] = {**cfg.get("family_options", {}),

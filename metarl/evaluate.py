@@ -152,7 +152,8 @@ def evaluate_checkpoint(state: dict[str, Any], *, n_tasks: int | None = None,
     result = Evaluation(family=family.name, algo=cfg["algo"], metric=family.metric,
                         curve=Curve.from_values(cfg["algo"], values),
                         settings={"n_tasks": n, "steps": k, "lr": list(rates), "seed": seed,
-                                  "proximal_lam": prox_lam, **overrides})
+                                  "proximal_lam": prox_lam, "family_options": family.options(),
+                                  **overrides})
     extra = getattr(family, "baselines", None)
     if baselines and extra is not None:
         kw = {"pretrained": P.to(pretrained, dev, dtype)} if pretrained is not None else {}

@@ -194,6 +194,13 @@ def test_rl_train_adapt_evaluate_cli(tmp_path):
     assert d["reference_lines"]["oracle"] > max(d["mean"])  # the oracle is given the goal
     assert d["settings"]["lr"] == [0.1, 0.05]
     assert (run / "pretrained" / "checkpoint.pt").is_file()
+    # family options of the run can be overridden at test time, the model's shape cannot
+    r = runner.invoke(app, ["evaluate", str(run), "--tasks", "2", "--steps", "1", "--no-baselines",
+                            "--family-opt", "rollouts=3", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(js.read_text())["settings"]["family_options"]["rollouts"] == 3
+    r = runner.invoke(app, ["evaluate", str(run), "--family-opt", "hidden=[4]"])
+    assert r.exit_code == 2 and "changes the model of this run" in r.output
 
 
 def test_oracle_is_optimal_greedy_path():
