@@ -56,6 +56,7 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="auto (CUDA when present), cpu or cuda. \\[default: auto]", rich_help_panel=O)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32 or float64. \\[default: float32]", rich_help_panel=O)] = None,
     log_every: Annotated[Optional[int], typer.Option(min=1, help="Write a metrics.jsonl line every N iterations.", rich_help_panel=OUT)] = None,
+    keep_checkpoints: Annotated[Optional[bool], typer.Option("--keep-checkpoints", help="Also keep each periodic checkpoint as RUN/checkpoints/iteration-NNNNNN.pt, to pick an iteration on validation tasks (metarl evaluate FILE --seed 1).", rich_help_panel=OUT)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(min=1, help="Write checkpoint.pt every N iterations (and at the end). \\[default: 1000]", rich_help_panel=OUT)] = None,
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, rich_help_panel=O)] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file of settings (keys as these options with underscores, a \\[family_options] table); flags override it.", rich_help_panel=OUT)] = None,
@@ -88,6 +89,7 @@ def train(
                  "outer_lr": outer_lr, "imaml_lam": imaml_lam, "imaml_cg_iters": cg_iters,
                  "imaml_cg_damping": cg_damping, "task_chunk": task_chunk, "seed": seed, "device": device, "dtype": dtype,
                  "log_every": log_every, "checkpoint_every": checkpoint_every,
+                 "keep_checkpoints": keep_checkpoints,
                  "family": name, "family_options": options,
                  "extra": {"max_kl": max_kl} if max_kl is not None else None}
         cfg = C.resolve(fam, {k: v for k, v in file_values.items() if k != "family_options"}, flags)

@@ -61,6 +61,9 @@ class TrainConfig:
     """Log metrics every this many iterations (and at the end)."""
     checkpoint_every: int = 1000
     """Write the checkpoint every this many iterations (and at the end)."""
+    keep_checkpoints: bool = False
+    """Also keep every periodic checkpoint as ``checkpoints/iteration-NNNNNN.pt`` (for
+    choosing an iteration on validation tasks)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Outer-optimizer and family-kind settings (TRPO's max_kl, rollouts, ...)."""
 

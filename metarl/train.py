@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -73,10 +74,21 @@ def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = Fals
         raise ConfigError(f"--resume: run folder {str(out)!r} has no checkpoint to continue")
 
 
+KEPT_DIR = "checkpoints"
+"""Sub-folder of a run holding the checkpoints kept with ``keep_checkpoints``."""
+
+
+def kept_checkpoint(out: Path, iteration: int) -> Path:
+    """Where ``keep_checkpoints`` keeps the checkpoint of ``iteration``."""
+    return out / KEPT_DIR / f"iteration-{iteration:06d}.pt"
+
+
 def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
     if overwrite and not resume:
         for name in (checkpoint.CHECKPOINT, "metrics.jsonl", "config.json"):
             (out / name).unlink(missing_ok=True)
+        for kept in (out / KEPT_DIR).glob("iteration-*.pt"):
+            kept.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -141,6 +153,9 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                     log_file.flush()
                 if it % cfg.checkpoint_every == 0:
                     save(it)
+                    if cfg.keep_checkpoints:
+                        checkpoint.atomic_write(kept_checkpoint(out, it), lambda tmp: shutil.copyfile(
+                            out / checkpoint.CHECKPOINT, tmp))
                 if progress is not None:
                     progress(it, metrics if show else None)
         except (KeyboardInterrupt, DivergedError):

@@ -104,6 +104,21 @@ def test_resume_continues(tmp_path):
     assert [x["iteration"] for x in rows] == [5, 8]
 
 
+def test_keep_checkpoints_keeps_each_periodic_checkpoint(tmp_path):
+    out = tmp_path / "k"
+    args = ["train", "--family", "sinusoid", "--family-opt", "hidden=[4]", "--iterations", 6,
+            "--checkpoint-every", 2, "--out", out]
+    assert run(*args, "--keep-checkpoints").exit_code == 0
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["iteration-000002.pt", "iteration-000004.pt", "iteration-000006.pt"]
+    assert checkpoint.load(out / "checkpoints" / kept[0])["iteration"] == 2
+    assert torch.equal(checkpoint.load(out / "checkpoints" / kept[-1])["theta"]["l0.w"],
+                       checkpoint.load(out)["theta"]["l0.w"])
+    assert run("evaluate", out / "checkpoints" / kept[1], "--tasks", 3).exit_code == 0
+    assert run(*args, "--overwrite").exit_code == 0  # a new run does not inherit old snapshots
+    assert not list((out / "checkpoints").iterdir())
+
+
 def test_sigterm_checkpoints_the_last_finished_iteration(tmp_path):
     import os
     import signal
