@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import typer
@@ -33,13 +34,19 @@ def list_families(ctx: typer.Context) -> None:
         out.print(table)
 
 
+def plain(doc: str) -> str:
+    """A docstring for the terminal: ``code`` -> `code`, :class:`~a.b.C` -> C."""
+    doc = re.sub(r":\w+:`~?(?:[\w.]+\.)?([\w]+)`", r"\1", doc)
+    return doc.replace("``", "`")
+
+
 @app.command()
 def show(name: Annotated[str, typer.Argument(help="Family name or package.module:Factory.")]) -> None:
     """Print a family's task distribution, model and default hyperparameters."""
     with user_errors():
         fam = F.make(name)
         out.print(f"{fam.name}: {fam.description}", markup=False)
-        out.print(fam.describe(), markup=False)
+        out.print(plain(fam.describe()), markup=False)
         d = fam.defaults
         out.print("defaults:", markup=False)
         for key, value in vars(d).items():

@@ -179,6 +179,9 @@ def test_families_list_and_show():
     r = run("families", "show", "sinusoid")
     assert r.exit_code == 0
     assert "A ~ U[0.1, 5.0]" in r.output and "inner_lr = 0.01" in r.output
+    r = run("families", "show", "navigation2d")  # docstrings printed as plain text
+    assert r.exit_code == 0 and "Task: goal ~ U[-0.5, 0.5]^2" in r.output.splitlines()[3]
+    assert "``" not in r.output and ":class:" not in r.output
 
 
 def test_gradcheck_json(tmp_path):
@@ -206,6 +209,8 @@ def test_imaml_takes_the_familys_own_inner_loop():
     assert (cfg.inner_steps, cfg.inner_lr) == (3, 0.1)
     cfg = C.resolve(fam, {"algo": "maml"})
     assert (cfg.inner_steps, cfg.inner_lr, cfg.meta_batch) == (1, 0.4, 32)
+    nav = families.make("navigation2d")  # RL: Reptile and iMAML need k > 1, MAML keeps the paper's 1
+    assert [C.resolve(nav, {"algo": a}).inner_steps for a in ("maml", "reptile", "imaml")] == [1, 3, 3]
 
 
 def test_plot_overlays_evaluations(trained, tmp_path):

@@ -22,6 +22,7 @@ implementation by overriding :meth:`RLFamily.batch_env`.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -48,9 +49,12 @@ RL_DEFAULTS = Defaults(
     checkpoint_every=25,
     imaml_lam=1.0, imaml_cg_iters=5,
     extra={"max_kl": 0.01, "cg_iters": 10, "damping": 1e-5, "ls_steps": 15, "ls_backtrack": 0.8,
-           "pretrain_iterations": 100},
+           "pretrain_iterations": 100, "reptile_inner_steps": 3, "imaml_inner_steps": 3},
 )
-"""The MAML-RL hyperparameters of REFERENCE.md (paper and its PyTorch port)."""
+"""The MAML-RL hyperparameters of REFERENCE.md (paper and its PyTorch port). Reptile and
+iMAML, which the paper did not run, take 3 inner steps (trajectories resampled after each):
+with one step Reptile's direction is the joint policy gradient (pretraining), and iMAML's
+proximal problem is not solved at all."""
 
 
 class RLFamily:
@@ -155,7 +159,7 @@ class RLFamily:
 
     def describe(self) -> str:
         return "\n".join([
-            (type(self).__doc__ or self.description).strip(),
+            inspect.cleandoc(type(self).__doc__ or self.description),
             f"sampling: {self.rl.rollouts} trajectories per task, horizon {self.rl.horizon}, "
             f"gamma {self.rl.gamma}, GAE lambda {self.rl.gae_lambda}, inner estimator "
             f"{self.rl.estimator}",

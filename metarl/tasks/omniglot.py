@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from functools import cached_property
@@ -113,7 +114,7 @@ class OmniglotFamily:
                 "downsample": self.downsample, "impl": self.impl}
 
     def describe(self) -> str:
-        return (type(self).__doc__ or "").strip() + (
+        return inspect.cleandoc(type(self).__doc__ or "") + (
             f"\n\nthis instance: {self.ways}-way {self.shots}-shot, {self.query} query per class, "
             f"split by {self.split}, data {self.data or '(none given)'}")
 
