@@ -79,13 +79,13 @@ def with_family_options(state: dict[str, Any], pairs: list[str] | None) -> dict[
     import torch
 
     from metarl import families
+    from metarl import params as P
 
     cfg = dict(state["config"])
     cfg["family_options"] = {**cfg.get("family_options", {}), **opts}
     fam = families.make(cfg["family"], **cfg["family_options"])
     fresh = fam.init_params(torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)
-    theta = state["theta"]
-    if {k: tuple(v.shape) for k, v in fresh.items()} != {k: tuple(v.shape) for k, v in theta.items()}:
+    if P.shapes(fresh) != P.shapes(state["theta"]):
         raise UserError(f"--family-opt {' '.join(pairs or [])} changes the model of this run; only "
                         "options that keep its parameters (rollouts, workers, horizon, ...) can change")
     return {**state, "config": cfg}

@@ -9,7 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from metarl.cli.common import THREADS_HELP, set_threads, err, is_tty, parse_options, user_errors
+from metarl.cli.common import (THREADS_HELP, UserError, err, is_tty, parse_options, set_threads,
+                               user_errors)
+from metarl import checkpoint
 from metarl import config as C
 from metarl import families
 from metarl.train import check
@@ -67,7 +69,8 @@ def train(
     """Meta-train a model on a task family and write a run folder.
 
     Settings come from the family's defaults (the published hyperparameters),
-    then --config, then flags. Examples:
+    then --config, then flags; with --resume the run's own settings come first,
+    so `metarl train --out RUN --resume --iterations N` continues it as it was. Examples:
 
         metarl train                                  (MAML-TRPO on navigation2d)
 
@@ -76,8 +79,13 @@ def train(
     with user_errors():
         set_threads(threads)
         file_values = C.read_config_file(config) if config else {}
-        name = family or file_values.get("family") or "navigation2d"
-        options = {**file_values.get("family_options", {}), **parse_options(family_opt)}
+        saved = _saved_config(out) if resume else {}
+        if saved and family and family != saved["family"]:
+            raise UserError(f"--resume: the run in {str(out)!r} trains family {saved['family']!r}, "
+                            f"not {family!r}: drop --family or choose another --out")
+        name = family or file_values.get("family") or saved.get("family") or "navigation2d"
+        options = {**saved.get("family_options", {}), **file_values.get("family_options", {}),
+                   **parse_options(family_opt)}
         for key, value in (("shots", shots), ("ways", ways), ("query", query),
                            ("rollouts", rollouts), ("horizon", horizon), ("estimator", estimator),
                            ("data", [str(p) for p in data] if data else None), ("split", split)):
@@ -92,7 +100,8 @@ def train(
                  "keep_checkpoints": keep_checkpoints,
                  "family": name, "family_options": options,
                  "extra": {"max_kl": max_kl} if max_kl is not None else None}
-        cfg = C.resolve(fam, {k: v for k, v in file_values.items() if k != "family_options"}, flags)
+        cfg = C.resolve(fam, {k: v for k, v in saved.items() if k != "family_options"},
+                        {k: v for k, v in file_values.items() if k != "family_options"}, flags)
         run_dir = out or Path("runs") / f"{fam.name}-{cfg.algo}"
         check(cfg, fam, run_dir, overwrite=overwrite, resume=resume)
         err.print(f"training {cfg.algo} on {fam.name} for {cfg.iterations} iterations "
@@ -129,3 +138,11 @@ def train(
                   f"({1e3 * result.seconds / max(result.iterations, 1):.2f} ms/it); "
                   f"{_fmt(result.metrics)}", markup=False)
         err.print(f"run folder: {result.out}", markup=False)
+
+
+def _saved_config(out: Path | None) -> dict:
+    """The settings of the run being resumed (its checkpoint's), or {} when there is none
+    (``check`` then says that --resume has nothing to continue)."""
+    if out is None or not (out / checkpoint.CHECKPOINT).is_file():
+        return {}
+    return dict(checkpoint.load(out)["config"])

@@ -111,6 +111,11 @@ def to(params: Params, device: torch.device | str | None = None,
     return {k: v.to(device=device, dtype=dtype) for k, v in params.items()}
 
 
+def shapes(params: Params) -> dict[str, tuple[int, ...]]:
+    """Name -> shape: two parameter sets fit the same model when these are equal."""
+    return {k: tuple(v.shape) for k, v in params.items()}
+
+
 def n_params(params: Params) -> int:
     return sum(v.numel() for v in params.values())
 

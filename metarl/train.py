@@ -72,6 +72,17 @@ def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = Fals
                           "continue it, --overwrite to replace it, or choose another --out")
     if resume and not ckpt.exists():
         raise ConfigError(f"--resume: run folder {str(out)!r} has no checkpoint to continue")
+    if resume:
+        state = checkpoint.load(out)
+        fresh = family.init_params(torch.Generator().manual_seed(0), torch.device("cpu"),
+                                   torch.float32)
+        if state["config"].get("family") != cfg.family or P.shapes(state["theta"]) != P.shapes(fresh):
+            raise ConfigError(f"--resume: the checkpoint in {str(out)!r} is a "
+                              f"{state['config'].get('family')!r} model that does not fit these "
+                              "settings: resume with the run's own family and options")
+        if int(state["iteration"]) >= cfg.iterations:
+            raise ConfigError(f"the run in {str(out)!r} already has {int(state['iteration'])} "
+                              "iterations: raise --iterations to continue it")
 
 
 KEPT_DIR = "checkpoints"
@@ -119,9 +130,6 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
         if state.get("task_rng") is not None:
             g_tasks.set_state(state["task_rng"])
         start = int(state["iteration"])
-        if start >= cfg.iterations:
-            raise ConfigError(f"the run in {str(out)!r} already has {start} iterations: raise "
-                              "--iterations to continue it")
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     inner, imaml_cfg = cfg.inner, cfg.imaml

@@ -102,6 +102,18 @@ def test_resume_continues(tmp_path):
     assert checkpoint.load(out)["iteration"] == 8
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in rows] == [5, 8]
+    # the run's own settings are the base: --out, --resume and --iterations are enough
+    r = run("train", "--out", out, "--resume", "--iterations", 10)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["family"] == "sinusoid" and cfg["family_options"]["hidden"] == [4]
+    assert checkpoint.load(out)["iteration"] == 10
+    one_line_error(run("train", "--out", out, "--resume", "--iterations", 12, "--family",
+                       "navigation2d"), "trains family 'sinusoid'", "drop --family")
+    one_line_error(run("train", "--out", out, "--resume", "--iterations", 12, "--family-opt",
+                       "hidden=[8]"), "does not fit these settings")
+    one_line_error(run("train", "--out", out, "--resume", "--iterations", 10),
+                   "already has 10 iterations", "raise --iterations")
 
 
 def test_keep_checkpoints_keeps_each_periodic_checkpoint(tmp_path):
