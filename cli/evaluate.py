@@ -25,6 +25,7 @@ def evaluate(
     shots: Annotated[Optional[int], typer.Option(min=1, help="Test-time support size (supervised families), e.g. 5 for the paper's 5-shot sinusoid numbers.")] = None,
     query: Annotated[Optional[int], typer.Option(min=1, help="Test-time query size per task/class (supervised families).")] = None,
     data: Annotated[Optional[list[Path]], typer.Option(help="Meta-test on another data set (repeatable), all of whose classes are test classes, e.g. Omniglot's images_evaluation.zip after training on images_background.zip.")] = None,
+    rollouts: Annotated[Optional[int], typer.Option(min=1, help="RL: trajectories per task for each adaptation step and score (the published navigation protocol used 20-40). \\[default: the run's]")] = None,
     family_opt: Annotated[Optional[list[str]], typer.Option(help=FAMILY_OPT_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Test seed; test tasks never come from the training stream.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -44,7 +45,8 @@ def evaluate(
     """
     with user_errors():
         set_threads(threads)
-        state = with_family_options(checkpoint.load(run), family_opt)
+        pairs = list(family_opt or []) + ([f"rollouts={rollouts}"] if rollouts else [])
+        state = with_family_options(checkpoint.load(run), pairs)
         if data:
             cfg = dict(state["config"])
             cfg["family_options"] = {**cfg.get("family_options", {}),

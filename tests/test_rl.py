@@ -196,7 +196,7 @@ def test_rl_train_adapt_evaluate_cli(tmp_path):
     assert (run / "pretrained" / "checkpoint.pt").is_file()
     # family options of the run can be overridden at test time, the model's shape cannot
     r = runner.invoke(app, ["evaluate", str(run), "--tasks", "2", "--steps", "1", "--no-baselines",
-                            "--family-opt", "rollouts=3", "--json", str(js)])
+                            "--rollouts", "3", "--json", str(js)])
     assert r.exit_code == 0, r.output
     assert json.loads(js.read_text())["settings"]["family_options"]["rollouts"] == 3
     r = runner.invoke(app, ["evaluate", str(run), "--family-opt", "hidden=[4]"])
