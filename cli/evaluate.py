@@ -80,6 +80,10 @@ def evaluate(
         out.print(table)
         for label, y in ev.hlines.items():
             out.print(f"{label}: {y:.4g}")
+        gap = ev.gap_closed()
+        if gap is not None:
+            out.print("fraction of the gap to the oracle closed after k steps: "
+                      + ", ".join(f"k={j}: {g:.2f}" for j, g in enumerate(gap) if j))
         if json_path:
             text = json.dumps(ev.to_json(), indent=2) + "\n"
             atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))

@@ -109,12 +109,26 @@ class Evaluation:
     """Reference levels (an oracle's metric)."""
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def gap_closed(self) -> list[float] | None:
+        """The fraction of the gap between the metric before adaptation and the oracle's
+        that adaptation closes after 0..K steps (REFERENCE.md's scale-free figure:
+        MAML on HalfCheetah velocity closes 0.68 after 1 step, 0.92 after 3); None
+        without an oracle line or with no gap."""
+        oracle = self.hlines.get("oracle")
+        if oracle is None or oracle == self.curve.mean[0]:
+            return None
+        start = self.curve.mean[0]
+        return [(m - start) / (oracle - start) for m in self.curve.mean]
+
     def to_json(self) -> dict[str, Any]:
         d = self.curve.to_json(family=self.family, algo=self.algo, metric=self.metric)
         if self.baselines:
             d["baselines"] = {c.label: c.to_json() for c in self.baselines}
         if self.hlines:
             d["reference_lines"] = self.hlines
+        gap = self.gap_closed()
+        if gap is not None:
+            d["gap_closed"] = gap
         d["settings"] = self.settings
         return d
 

@@ -192,6 +192,9 @@ def test_rl_train_adapt_evaluate_cli(tmp_path):
     assert d["metric"] == "return" and d["steps"] == [0, 1, 2, 3] and d["n_tasks"] == 4
     assert set(d["baselines"]) == {"random init", "pretrained"}
     assert d["reference_lines"]["oracle"] > max(d["mean"])  # the oracle is given the goal
+    gap = [(m - d["mean"][0]) / (d["reference_lines"]["oracle"] - d["mean"][0]) for m in d["mean"]]
+    assert d["gap_closed"] == pytest.approx(gap) and d["gap_closed"][0] == 0.0
+    assert "fraction of the gap to the oracle closed" in r.output
     assert d["settings"]["lr"] == [0.1, 0.05]
     assert (run / "pretrained" / "checkpoint.pt").is_file()
     # family options of the run can be overridden at test time, the model's shape cannot
