@@ -441,7 +441,7 @@ _register()
 
 class LocomotionSlots:
     """``n`` environments of one :class:`LocomotionEnv` class stepped together: an
-    :class:`~metarl.rl.workers.EnvSlots`, what the sampler runs in this process or in
+    :class:`~metarl.rl.sampler.EnvSlots`, what the sampler runs in this process or in
     each worker.
 
     Resets go through each environment's own ``reset`` (the same start states as
