@@ -76,16 +76,11 @@ def with_family_options(state: dict[str, Any], pairs: list[str] | None) -> dict[
     opts = parse_options(pairs)
     if not opts:
         return state
-    import torch
-
     from metarl import families
-    from metarl import params as P
 
     cfg = dict(state["config"])
     cfg["family_options"] = {**cfg.get("family_options", {}), **opts}
-    fam = families.make(cfg["family"], **cfg["family_options"])
-    fresh = fam.init_params(torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)
-    if P.shapes(fresh) != P.shapes(state["theta"]):
+    if not families.fits(families.make(cfg["family"], **cfg["family_options"]), state["theta"]):
         raise UserError(f"--family-opt {' '.join(pairs or [])} changes the model of this run; only "
                         "options that keep its parameters (rollouts, workers, horizon, ...) can change")
     return {**state, "config": cfg}

@@ -89,6 +89,16 @@ _registry: dict[str, Factory] = {}
 _loaded_entry_points = False
 
 
+def fits(family: Family, theta: Params) -> bool:
+    """Whether parameters ``theta`` (e.g. a checkpoint's) have the names and shapes of
+    ``family``'s model."""
+    from metarl import params as P
+
+    fresh = family.init_params(torch.Generator().manual_seed(0), torch.device("cpu"),
+                               torch.float32)
+    return P.shapes(fresh) == P.shapes(theta)
+
+
 def register(name: str, factory: Factory, *, overwrite: bool = False) -> None:
     """Register a family factory under ``name`` (``factory(**options)`` builds it)."""
     if not callable(factory):

@@ -74,9 +74,7 @@ def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = Fals
         raise ConfigError(f"--resume: run folder {str(out)!r} has no checkpoint to continue")
     if resume:
         state = checkpoint.load(out)
-        fresh = family.init_params(torch.Generator().manual_seed(0), torch.device("cpu"),
-                                   torch.float32)
-        if state["config"].get("family") != cfg.family or P.shapes(state["theta"]) != P.shapes(fresh):
+        if state["config"].get("family") != cfg.family or not families.fits(family, state["theta"]):
             raise ConfigError(f"--resume: the checkpoint in {str(out)!r} is a "
                               f"{state['config'].get('family')!r} model that does not fit these "
                               "settings: resume with the run's own family and options")
