@@ -34,13 +34,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn user-facing errors into ``error: ...`` on stderr and exit code 2; Ctrl-C into exit 130."""
+    """Turn user-facing errors into ``error: ...`` on stderr and exit code 2 (or the error's
+    own ``exit_code``: 1 for a failed environment); Ctrl-C into exit 130."""
     try:
         yield
     except user_error_types() as e:
         msg = " ".join(str(e).split())  # one line
         err.print(f"error: {msg}", markup=False)
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=getattr(e, "exit_code", 2)) from None
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         raise typer.Exit(code=130) from None

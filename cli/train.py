@@ -15,7 +15,7 @@ from metarl import checkpoint
 from metarl import config as C
 from metarl import families
 from metarl.train import check
-from metarl.types import DivergedError
+from metarl.types import DivergedError, SamplingError
 from metarl.train import train as run_training
 
 T, I, O, OUT = "Task", "Inner loop", "Outer loop", "Output"
@@ -128,6 +128,10 @@ def train(
                 err.print(f"interrupted; checkpoint of the last finished iteration is in {run_dir}",
                           markup=False)
                 raise typer.Exit(code=130) from None
+            except SamplingError as e:
+                err.print(f"error: {' '.join(str(e).split())}; the last finished iteration is "
+                          f"checkpointed in {run_dir}", markup=False)
+                raise typer.Exit(code=e.exit_code) from None
             except DivergedError as e:
                 err.print(f"error: training diverged: {e}; the last finite checkpoint is in "
                           f"{run_dir}", markup=False)

@@ -19,8 +19,8 @@ from metarl.algorithms import meta_grad
 from metarl.config import TrainConfig
 from metarl.families import Family
 from metarl.outer import GradientOuter, OuterOptimizer
-from metarl.types import (ConfigError, DivergedError, Params, TaskBatch, resolve_device,
-                          resolve_dtype)
+from metarl.types import (ConfigError, DivergedError, Params, SamplingError, TaskBatch,
+                          resolve_device, resolve_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                             out / checkpoint.CHECKPOINT, tmp))
                 if progress is not None:
                     progress(it, metrics if show else None)
-        except (KeyboardInterrupt, DivergedError):
+        except (KeyboardInterrupt, DivergedError, SamplingError):
             save(it - 1 if it > start else start)  # the last finished, finite iteration
             raise
     save(cfg.iterations)

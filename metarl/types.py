@@ -61,6 +61,17 @@ class ConfigError(ValueError):
     """A user-facing configuration problem: the message names the bad value and the fix."""
 
 
+class SamplingError(ConfigError):
+    """An environment failed while sampling (it raised in a worker, or a worker died).
+
+    Printed as one line by the command line, with exit code 1 (the run failed; the
+    usage was fine). Training first checkpoints the last finished iteration: the
+    failure happens while sampling, before the iteration's update.
+    """
+
+    exit_code = 1
+
+
 class DivergedError(RuntimeError):
     """Training produced a non-finite meta-gradient; theta was left at its last finite value."""
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from metarl import checkpoint
 from metarl import config as C
 from metarl import families
 from metarl import params as P
@@ -268,3 +269,30 @@ def test_navigation_training_shows_adaptation_gain(tmp_path):
                           device=torch.device("cpu"), dtype=torch.float32)
     mean = v.mean(0)
     assert mean[1] > mean[0] + 10, mean
+
+
+def test_environment_failure_mid_training_keeps_the_last_iteration(tmp_path, monkeypatch):
+    """A worker that fails while sampling iteration 3 stops the run with one line and exit 1;
+    iteration 2 is checkpointed (sampling comes before the update, so theta is whole)."""
+    from metarl.rl.workers import WorkerError
+
+    sample = RLBatch.sample
+    calls = {"n": 0}
+
+    def failing_sample(self, params):
+        calls["n"] += 1
+        if calls["n"] == 5:  # 2 samplings per MAML iteration: the first of iteration 3
+            raise WorkerError("worker 0 died (exit code 3) at step 7 while running slots 0..3")
+        return sample(self, params)
+
+    for name in ("sample", "inner_data", "outer_data"):
+        monkeypatch.setattr(RLBatch, name, failing_sample)
+    run = tmp_path / "nav"
+    r = CliRunner().invoke(app, ["train", "--iterations", "5", "--meta-batch", "2", "--rollouts",
+                                 "2", "--family-opt", "hidden=[4]", "--checkpoint-every", "100",
+                                 "--out", str(run), "--threads", "1"])
+    assert r.exit_code == 1, r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "worker 0 died" in errors[0] and str(run) in errors[0]
+    assert "Traceback" not in r.output
+    assert checkpoint.load(run)["iteration"] == 2

@@ -38,7 +38,7 @@ import torch
 from gymnasium.vector import AsyncVectorEnv
 
 from metarl.rl.sampler import EnvSlots, GymSlots, SlotError, SlotsBatchEnv
-from metarl.types import ConfigError
+from metarl.types import SamplingError
 
 __all__ = ["EnvSlice", "EnvSlots", "GymSlots", "SlotError", "WorkerBatchEnv", "WorkerError",
            "split_slots"]
@@ -48,11 +48,12 @@ log = logging.getLogger(__name__)
 Task = Mapping[str, Any]
 
 
-class WorkerError(ConfigError):
+class WorkerError(SamplingError):
     """An environment raised in a worker, or a worker process died.
 
-    A :class:`~metarl.types.ConfigError`, so that the command line prints it as
-    one line; the message names the slot's task, episode and seed.
+    A :class:`~metarl.types.SamplingError`: the command line prints it as one
+    line and exits with 1, and training checkpoints the last finished
+    iteration; the message names the slot's task, episode and seed.
     """
 
 
