@@ -146,6 +146,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
     with open(out / "metrics.jsonl", "a") as log_file:
         try:
             for it in range(start + 1, cfg.iterations + 1):
+                t_it = time.perf_counter()
                 batch = family.sample_batch(cfg.meta_batch, g_tasks, split="train", device=device,
                                             dtype=dtype)
                 mg = outer.step(theta, batch, compute)
@@ -153,6 +154,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                 if show or it % cfg.log_every == 0:
                     metrics = mg.metrics()
                     metrics.update(return_metrics(batch, mg))
+                    metrics.update(time_metrics(batch, time.perf_counter() - t_it))
                 if it % cfg.log_every == 0 or it == cfg.iterations:
                     row = {"iteration": it, "seconds": round(time.perf_counter() - t0, 3), **metrics}
                     log_file.write(json.dumps(row) + "\n")
@@ -183,6 +185,19 @@ def return_metrics(batch: TaskBatch, mg: Any) -> dict[str, float]:
         first = mg.inner_data[0] if mg.inner_data else mg.outer_data
         if first is not None:
             m["return/pre"] = float(batch.metric(mg.phi, first).mean())
+    return m
+
+
+def time_metrics(batch: Any, seconds: float) -> dict[str, float]:
+    """Wall seconds of the iteration; for RL, split into sampling (environment
+    steps and the policy calls that choose the actions) and update (losses,
+    meta-gradient, line search and baseline fits). Read after the metrics, which
+    wait for the device, so the update time includes the device's work."""
+    m = {"time/iteration": seconds}
+    sampled = getattr(batch, "sample_seconds", None)
+    if sampled is not None:
+        m["time/sample"] = sampled
+        m["time/update"] = max(seconds - sampled, 0.0)
     return m
 
 

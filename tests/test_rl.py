@@ -164,6 +164,9 @@ def test_all_algorithms_run_rl_iterations(algo, outer, tmp_path):
     r = train(cfg, tmp_path / "run")
     assert {"return/pre", "return/post", "outer/loss"} <= set(r.metrics)
     assert all(math.isfinite(v) for v in r.metrics.values())
+    m = r.metrics  # the iteration's wall time splits into sampling and update
+    assert 0 < m["time/sample"] < m["time/iteration"]
+    assert m["time/sample"] + m["time/update"] == pytest.approx(m["time/iteration"])
 
 
 def test_rl_train_adapt_evaluate_cli(tmp_path):

@@ -10,6 +10,7 @@ on the same data without resampling.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -98,14 +99,17 @@ class RLBatch:
         self.n_tasks = len(self.tasks)
         self.seed = int(seed)
         self.calls = 0
+        self.sample_seconds = 0.0  # wall time spent in the sampler, all calls together
         self.baseline = baseline or LinearFeatureBaseline()
         self.scores_inner_data = True  # evaluation reads returns off the adaptation trajectories
 
     # data -----------------------------------------------------------------
     def sample(self, params: Params) -> Trajectories:
         """Sample with ``params`` (detached) and compute advantages."""
+        t0 = time.perf_counter()
         roll = sample(self.policy, P.detach(params), self.env, self.tasks, self.cfg.rollouts,
                       self.cfg.horizon, self.seed + self.calls)
+        self.sample_seconds += time.perf_counter() - t0
         self.calls += 1
         return self.process(roll)
 
