@@ -104,7 +104,8 @@ def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
 def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None,
           overwrite: bool = False, resume: bool = False) -> RunResult:
     """Meta-train ``cfg.family`` with ``cfg.algo``; write ``config.json``,
-    ``metrics.jsonl`` and ``checkpoint.pt`` (atomically) under ``out``.
+    ``metrics.jsonl`` and ``checkpoint.pt`` (atomically) under ``out``. Both
+    record every family option as resolved, defaults included.
 
     With ``resume`` the run continues from ``out/checkpoint.pt`` (parameters,
     optimizer state and task stream) up to ``cfg.iterations``. A keyboard
@@ -112,6 +113,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
     """
     out = Path(out)
     family = families.make(cfg.family, **cfg.family_options)
+    # every option as resolved, so a later change of a family's defaults leaves the run as trained
+    cfg = replace(cfg, family_options=family.options())
     check(cfg, family, out, overwrite=overwrite, resume=resume)
     prepare_out(out, overwrite=overwrite, resume=resume)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)

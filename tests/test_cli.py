@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from metarl import checkpoint
+from metarl import checkpoint, families
 from metarl.cli.main import app
 
 runner = CliRunner()
@@ -82,7 +82,9 @@ def test_config_file_and_flag_precedence(tmp_path):
     assert cfg["iterations"] == 2           # the flag wins over the file
     assert cfg["inner_lr"] == 0.05 and cfg["meta_batch"] == 3
     assert cfg["outer_lr"] == 1e-3          # the family's default
-    assert cfg["family_options"] == {"hidden": [4], "shots": 7}
+    assert cfg["family_options"]["hidden"] == [4] and cfg["family_options"]["shots"] == 7
+    # the defaults are recorded too: a later change of a default leaves the run as trained
+    assert cfg["family_options"] == families.make("sinusoid", hidden=[4], shots=7).options()
 
 
 def test_existing_run_is_not_overwritten(trained):
