@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from metarl.cli import adapt, bench, evaluate, families, gradcheck, plot, train
+from metarl.cli import adapt, bench, curve, evaluate, families, gradcheck, plot, train
 
 app = typer.Typer(
     name="metarl",
@@ -18,6 +18,7 @@ app.command(rich_help_panel="Training")(train.train)
 app.command(rich_help_panel="Training")(adapt.adapt)
 app.command(rich_help_panel="Training")(evaluate.evaluate)
 app.command(rich_help_panel="Training")(plot.plot)
+app.command(rich_help_panel="Training")(curve.curve)
 app.add_typer(families.app, name="families", rich_help_panel="Families")
 app.command(rich_help_panel="Diagnostics")(gradcheck.gradcheck)
 app.command(rich_help_panel="Diagnostics")(bench.bench)

@@ -51,19 +51,45 @@ def adaptation_curves(curves: Sequence[object], path: str | Path, *, metric: str
     return path
 
 
-def training_curve(rows: Sequence[dict[str, float]], keys: Sequence[str], path: str | Path,
-                   *, title: str = "") -> Path:
-    """Logged metrics (``metrics.jsonl`` rows) versus iteration."""
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start); NaNs are skipped."""
+    out, buf = [], []
+    for v in values:
+        buf.append(v)
+        recent = [x for x in buf[-window:] if x == x]
+        out.append(sum(recent) / len(recent) if recent else float("nan"))
+    return out
+
+
+def training_curves(runs: Sequence[tuple[str, Sequence[dict[str, float]]]], keys: Sequence[str],
+                    path: str | Path, *, x: str = "iteration", smooth: int = 1,
+                    title: str = "") -> Path:
+    """Logged metrics (``metrics.jsonl`` rows) versus meta-iteration or training time.
+
+    Args:
+        runs: (label, rows) per run; a run's rows may lack some keys (drawn as gaps).
+        keys: the metrics to draw, one line per run and key.
+        x: ``"iteration"`` or ``"seconds"`` (drawn in minutes).
+        smooth: trailing moving-average window in logged rows; above 1 the raw
+            values stay as a faint line behind the smoothed one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    its = [r["iteration"] for r in rows]
-    for k in keys:
-        ax.plot(its, [r.get(k, float("nan")) for r in rows], label=k)
-    ax.set_xlabel("meta-iteration")
+    for label, rows in runs:
+        xs = [r[x] / 60 if x == "seconds" else r[x] for r in rows]
+        for k in keys:
+            ys = [float(r.get(k, float("nan"))) for r in rows]
+            name = f"{label}: {k}" if len(runs) > 1 else k
+            if smooth > 1:
+                (line,) = ax.plot(xs, moving_average(ys, smooth), label=f"{name} (mean of {smooth})")
+                ax.plot(xs, ys, color=line.get_color(), alpha=0.25, lw=0.8)
+            else:
+                ax.plot(xs, ys, label=name)
+    ax.set_xlabel("training time (min)" if x == "seconds" else "meta-iteration")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:

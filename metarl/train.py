@@ -92,9 +92,57 @@ def kept_checkpoint(out: Path, iteration: int) -> Path:
     return out / KEPT_DIR / f"iteration-{iteration:06d}.pt"
 
 
+METRICS = "metrics.jsonl"
+"""A run's log: one JSON row per logged iteration (``iteration``, ``seconds`` of
+training so far, counted across resumes, and the metrics)."""
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's log (``path``: the run folder or its ``metrics.jsonl``).
+
+    Logs written before ``seconds`` counted across resumes restart it at each
+    resume; those segments are joined here, so ``seconds`` always grows.
+    Raises :class:`ConfigError` naming the file (and line) when it is missing or malformed.
+    """
+    path = Path(path)
+    file = path / METRICS if path.is_dir() else path
+    try:
+        lines = file.read_text().splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"{str(file)!r} does not exist: give a run folder written by "
+                          "metarl train (or its metrics.jsonl)") from None
+    rows: list[dict[str, Any]] = []
+    offset = 0.0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            it, sec = int(row["iteration"]), float(row["seconds"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise ConfigError(f"{str(file)!r} line {n} is not a metrics row (JSON with "
+                              "'iteration' and 'seconds'): is this a metarl run log?") from None
+        if rows and sec + offset < rows[-1]["seconds"]:
+            offset = rows[-1]["seconds"]
+        rows.append({**row, "iteration": it, "seconds": sec + offset})
+    return rows
+
+
+def trim_metrics(out: Path, iteration: int) -> float:
+    """On resume: drop logged rows past the checkpoint's ``iteration`` (an unclean
+    stop can log iterations the checkpoint does not hold); return the training
+    seconds logged up to it."""
+    if not (out / METRICS).exists():
+        return 0.0
+    rows = [r for r in read_metrics(out) if r["iteration"] <= iteration]
+    text = "".join(json.dumps({**r, "seconds": round(r["seconds"], 3)}) + "\n" for r in rows)
+    checkpoint.atomic_write(out / METRICS, lambda tmp: Path(tmp).write_text(text))
+    return rows[-1]["seconds"] if rows else 0.0
+
+
 def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
     if overwrite and not resume:
-        for name in (checkpoint.CHECKPOINT, "metrics.jsonl", "config.json"):
+        for name in (checkpoint.CHECKPOINT, METRICS, "config.json"):
             (out / name).unlink(missing_ok=True)
         for kept in (out / KEPT_DIR).glob("iteration-*.pt"):
             kept.unlink()
@@ -131,6 +179,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
         if state.get("task_rng") is not None:
             g_tasks.set_state(state["task_rng"])
         start = int(state["iteration"])
+    logged = trim_metrics(out, start) if resume else 0.0  # seconds of training before this run
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     inner, imaml_cfg = cfg.inner, cfg.imaml
@@ -146,7 +195,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     it = start
-    with open(out / "metrics.jsonl", "a") as log_file:
+    with open(out / METRICS, "a") as log_file:
         try:
             for it in range(start + 1, cfg.iterations + 1):
                 t_it = time.perf_counter()
@@ -159,7 +208,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                     metrics.update(return_metrics(batch, mg))
                     metrics.update(time_metrics(batch, time.perf_counter() - t_it))
                 if it % cfg.log_every == 0 or it == cfg.iterations:
-                    row = {"iteration": it, "seconds": round(time.perf_counter() - t0, 3), **metrics}
+                    row = {"iteration": it, "seconds": round(logged + time.perf_counter() - t0, 3),
+                           **metrics}
                     log_file.write(json.dumps(row) + "\n")
                     log_file.flush()
                 if it % cfg.checkpoint_every == 0:

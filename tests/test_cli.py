@@ -7,6 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from metarl import checkpoint, families
+from metarl.train import read_metrics
+from metarl.types import ConfigError
 from metarl.cli.main import app
 
 runner = CliRunner()
@@ -85,6 +87,47 @@ def test_config_file_and_flag_precedence(tmp_path):
     assert cfg["family_options"]["hidden"] == [4] and cfg["family_options"]["shots"] == 7
     # the defaults are recorded too: a later change of a default leaves the run as trained
     assert cfg["family_options"] == families.make("sinusoid", hidden=[4], shots=7).options()
+
+
+def test_curve_draws_logged_metrics_and_reports_the_end(trained, tmp_path):
+    png = tmp_path / "c.png"
+    r = run("curve", trained, "--smooth", 2, "--out", png)
+    assert r.exit_code == 0, r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert "inner/loss_0" in r.output and "outer/loss" in r.output  # the supervised default
+    last = (rows[-1]["outer/loss"] + rows[-2]["outer/loss"]) / 2  # mean of the last 2 rows
+    assert f"-> {last:.4g}" in r.output and " 30 │" in r.output
+    r = run("curve", trained, "-m", "time/iteration", "--x", "seconds", "--out", png)
+    assert r.exit_code == 0, r.output
+    one_line_error(run("curve", trained, "-m", "return/pre", "--out", png),
+                   "logs no return/pre", "choose --metric from", "outer/loss")
+    one_line_error(run("curve", trained, "--x", "epoch", "--out", png), "--x 'epoch'")
+    one_line_error(run("curve", tmp_path / "none", "--out", png), "does not exist")
+
+
+def test_read_metrics_joins_seconds_restarted_by_old_resumes(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"iteration": i, "seconds": s}) + "\n"
+                           for i, s in [(1, 1.0), (2, 2.0), (3, 0.5), (4, 1.5)]))
+    assert [r["seconds"] for r in read_metrics(tmp_path)] == [1.0, 2.0, 2.5, 3.5]
+    log.write_text('{"iteration": 1, "seconds": 1.0}\nnot json\n')
+    with pytest.raises(ConfigError, match="line 2"):
+        read_metrics(log)
+
+
+def test_resume_drops_rows_past_the_checkpoint_and_counts_seconds_on(tmp_path):
+    out = tmp_path / "r"
+    args = ["train", "--family", "sinusoid", "--family-opt", "hidden=[4]", "--log-every", 1,
+            "--checkpoint-every", 5, "--out", out, "--iterations"]
+    assert run(*args, 5).exit_code == 0
+    with open(out / "metrics.jsonl", "a") as f:  # an unclean stop logged an iteration the checkpoint lacks
+        f.write(json.dumps({"iteration": 6, "seconds": 99.0}) + "\n")
+    assert run(*args, 8, "--resume").exit_code == 0
+    rows = read_metrics(out)
+    assert [r["iteration"] for r in rows] == list(range(1, 9))
+    secs = [r["seconds"] for r in rows]
+    assert secs == sorted(secs) and secs[-1] < 99.0
 
 
 def test_existing_run_is_not_overwritten(trained):
