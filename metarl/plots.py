@@ -8,6 +8,31 @@ from pathlib import Path
 from metarl.checkpoint import atomic_write
 
 
+def _axes():
+    """A fresh 6 x 4 inch figure on the file-only Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 4), dpi=120)
+
+
+def _save(fig, ax, path: str | Path, title: str) -> Path:
+    """Title, grid and legend, then write the PNG atomically and free the figure."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
+
+
 def adaptation_curves(curves: Sequence[object], path: str | Path, *, metric: str,
                       title: str = "", hlines: dict[str, float] | None = None,
                       reference: dict[str, Sequence[float]] | None = None) -> Path:
@@ -19,12 +44,7 @@ def adaptation_curves(curves: Sequence[object], path: str | Path, *, metric: str
         hlines: horizontal reference lines (e.g. an oracle), label -> value.
         reference: published values to mark, label -> value per step (dashed, no band).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = _axes()
     for c in curves:
         steps, mean, ci = c.steps, c.mean, c.ci95  # type: ignore[attr-defined]
         lo = [m - e for m, e in zip(mean, ci)]
@@ -40,15 +60,7 @@ def adaptation_curves(curves: Sequence[object], path: str | Path, *, metric: str
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("adaptation steps")
     ax.set_ylabel(metric)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -73,12 +85,7 @@ def training_curves(runs: Sequence[tuple[str, Sequence[dict[str, float]]]], keys
         smooth: trailing moving-average window in logged rows; above 1 the raw
             values stay as a faint line behind the smoothed one.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = _axes()
     for label, rows in runs:
         xs = [r[x] / 60 if x == "seconds" else r[x] for r in rows]
         for k in keys:
@@ -90,12 +97,4 @@ def training_curves(runs: Sequence[tuple[str, Sequence[dict[str, float]]]], keys
             else:
                 ax.plot(xs, ys, label=name)
     ax.set_xlabel("training time (min)" if x == "seconds" else "meta-iteration")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
