@@ -10,6 +10,7 @@ then pass them here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -116,17 +117,53 @@ def maml(theta: Params, batch: TaskBatch, inner: InnerConfig, inner_data: list[D
     return P.unflatten(g.mean(0), theta)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ImplicitSolve:
+    """The dense iMAML solve, with the spectrum that says whether CG can converge on it."""
+
+    grad: Params
+    """Implicit meta-gradient, mean over tasks, in phi's per-task shapes (no task dimension)."""
+    min_eig_T: Tensor
+    """``[T]`` smallest eigenvalue of each task's ``(1 + damping) I + H_t/lam``. Where it is
+    <= 0 the system is not positive definite (indefinite or singular) and CG cannot converge."""
+    hessian_min_eig_T: Tensor
+    """``[T]`` smallest eigenvalue of each task's inner-loss Hessian ``H_t`` at ``phi_star``;
+    the system is positive definite iff ``lam (1 + damping) > -hessian_min_eig_T``."""
+
+
+def _imaml_system(phi_star: Params, batch: TaskBatch, inner_data: Data, outer_data: Data,
+                  lam: float, damping: float) -> tuple[Tensor, Tensor]:
+    """Per-task ``A_t = (1 + damping) I + H_t/lam`` ``[T, P, P]`` and ``v_t = grad L_out,t``
+    ``[T, P]`` at ``phi_star``."""
+    H = hessians(lambda p: batch.inner_loss(p, inner_data), phi_star)  # [T, P, P]
+    v = task_grads(lambda p: batch.outer_loss(p, outer_data), phi_star)  # [T, P]
+    n = H.shape[-1]
+    return (1.0 + damping) * torch.eye(n, dtype=H.dtype) + H / lam, v
+
+
 def imaml(phi_star: Params, batch: TaskBatch, inner_data: Data, outer_data: Data, lam: float,
           damping: float = 0.0) -> Params:
     """Exact implicit meta-gradient at ``phi_star`` by a dense solve of
     ``((1 + damping) I + H/lam) g = grad L_out(phi_star)`` for every task."""
-    H = hessians(lambda p: batch.inner_loss(p, inner_data), phi_star)  # [T, P, P]
-    v = task_grads(lambda p: batch.outer_loss(p, outer_data), phi_star)  # [T, P]
-    n = H.shape[-1]
-    A = (1.0 + damping) * torch.eye(n, dtype=H.dtype) + H / lam
-    g = torch.linalg.solve(A, v.unsqueeze(-1)).squeeze(-1)
-    like = {k: v[0] for k, v in phi_star.items()}
-    return P.unflatten(g.mean(0), like)
+    A, v = _imaml_system(phi_star, batch, inner_data, outer_data, lam, damping)
+    g = torch.linalg.solve(A, v.unsqueeze(-1)).squeeze(-1)  # [T, P]
+    return P.unflatten(g.mean(0), {k: x[0] for k, x in phi_star.items()})
+
+
+def imaml_solve(phi_star: Params, batch: TaskBatch, inner_data: Data, outer_data: Data,
+                lam: float, damping: float = 0.0) -> ImplicitSolve:
+    """:func:`imaml` and the smallest eigenvalue of every task's matrix (one symmetric
+    eigendecomposition per task, O(P^3): small models only).
+
+    References: Rajeswaran et al. 2019, lemma 1 and eq. 7; CG needs the matrix positive
+    definite (Nocedal and Wright 2006, ch. 5).
+    """
+    A, v = _imaml_system(phi_star, batch, inner_data, outer_data, lam, damping)  # [T, P, P]
+    g = torch.linalg.solve(A, v.unsqueeze(-1)).squeeze(-1)  # [T, P]
+    min_eig_T = torch.linalg.eigvalsh(A)[:, 0]  # [T] (eigenvalues come ascending)
+    return ImplicitSolve(grad=P.unflatten(g.mean(0), {k: x[0] for k, x in phi_star.items()}),
+                         min_eig_T=min_eig_T,
+                         hessian_min_eig_T=lam * (min_eig_T - (1.0 + damping)))
 
 
 def meta_objective(theta: Params, batch: TaskBatch, inner: InnerConfig, inner_data: list[Data],
