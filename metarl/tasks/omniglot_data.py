@@ -28,7 +28,8 @@ Conventions (fixed here, used by every consumer):
   ``omniglot_pools`` rotates both by default.
 
 Nothing is ever downloaded. Decoded images are cached per source file as a torch
-file (see ``load_omniglot``).
+file in metarl's cache folder, never beside the data (see ``load_omniglot`` and
+``cache_folder``).
 
 References: Lake et al. 2015, Science 350(6266); Finn et al. 2017, section 5.2 and
 appendix A.1 (1200 meta-train characters, rotations, 28x28).
@@ -37,6 +38,7 @@ appendix A.1 (1200 meta-train characters, rotations, 28x28).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import logging
@@ -66,6 +68,8 @@ PAPER_N_TRAIN, PAPER_N_CHARS = 1200, 1623
 """Finn et al. 2017: 1200 of the 1623 characters are meta-train classes."""
 CACHE_VERSION = 1
 """Bump when preprocessing changes: old cache files are then rebuilt."""
+CACHE_ENV = "METARL_CACHE"
+"""Environment variable naming metarl's cache folder (see ``cache_folder``)."""
 
 _WHERE = ("get images_background.zip and images_evaluation.zip from the folder python/ of "
           "https://github.com/brendenlake/omniglot (Brenden Lake's official repository)")
@@ -142,9 +146,10 @@ def load_omniglot(paths: PathLike | Sequence[PathLike], *, image_size: int = 28,
             side count once (the zip is read).
         image_size: side S of the square output images (28 in the papers).
         cache: read and write the per-source cache files.
-        cache_dir: where cache files go. None: next to each source when that folder
-            is writable, else ``$METARL_CACHE/omniglot`` (default
-            ``~/.cache/metarl/omniglot``). Given: always there.
+        cache_dir: the folder the cache files go in (created when missing). None or "":
+            ``cache_folder()``, i.e. ``$METARL_CACHE/omniglot``, else
+            ``$XDG_CACHE_HOME/metarl/omniglot``, else ``~/.cache/metarl/omniglot``.
+            Nothing is ever written beside the data.
 
     Returns:
         ``OmniglotData`` with ``images`` ``uint8 [n_chars, 20, S, S]`` (ink 255),
@@ -154,11 +159,16 @@ def load_omniglot(paths: PathLike | Sequence[PathLike], *, image_size: int = 28,
         DataError: a path does not exist, holds no Omniglot characters, a zip or image
             is corrupt (named), or a character has other than 20 drawings (named).
 
-    The cache file of a source ``X`` is ``X.omniglot<S>.pt`` (a dict of tensors and
-    strings, loadable with ``torch.load(weights_only=True)``). Its key covers the bytes
-    of a zip (blake2b; ~10 ms for the full 9 MB release) or the names, sizes and mtimes
-    of a tree's PNGs, plus S and ``CACHE_VERSION``; a stale or unreadable cache is
-    rebuilt, and writes are atomic (temporary file in the same folder, ``os.replace``).
+    The cache file of a source ``X`` (a zip's or a top folder's name) is
+    ``X-<path>-<state>.omniglot<S>.pt``: ``<path>`` a digest of its resolved path,
+    ``<state>`` one of the zip's size and mtime, or of the names, sizes and mtimes of
+    the tree's PNGs, so two data sets never share a file. It holds a dict of tensors
+    and strings (``torch.load(weights_only=True)``) with a key over the bytes of a zip
+    (blake2b; ~10 ms for the full 9 MB release) or the tree's state, plus S and
+    ``CACHE_VERSION``, checked on every read. A stale or unreadable cache is rebuilt;
+    writes are atomic (temporary file in the same folder, ``os.replace``) and remove
+    the files of earlier states of the same source. A cache folder that cannot be
+    written is not an error: a warning is logged and the data load uncached.
 
     References: Lake et al. 2015; Finn et al. 2017, appendix A.1.
     """
@@ -217,26 +227,34 @@ def _load_source(src: _Source, size: int, cache: bool,
     """One source's ``(images uint8 [n, 20, S, S], infos)``, from cache when valid."""
     if not cache:
         return _read_source(src, size)
-    key = _content_key(src, size)
-    candidates = _cache_paths(src, size, cache_dir)
-    for path in candidates:
-        hit = _read_cache(path, key, src.name)
-        if hit is not None:
-            log.debug("Omniglot cache hit: %s", path)
-            return hit
+    state = _state(src)
+    key = _content_key(src, size, state)
+    path = _cache_path(src, size, state, cache_dir)
+    hit = _read_cache(path, key, src.name)
+    if hit is not None:
+        log.debug("Omniglot cache hit: %s", path)
+        return hit
     images, infos = _read_source(src, size)
     blob = {"key": key, "images": images, "alphabets": [i.alphabet for i in infos],
             "characters": [i.character for i in infos]}
-    for path in candidates:
-        if _writable(path.parent):
-            try:
-                _save_atomic(blob, path)
-                log.info("cached %d Omniglot characters of %s in %s", len(infos), src.path, path)
-                break
-            except OSError as e:
-                log.warning("cannot write Omniglot cache %s (%s)", path, e)
-    else:
-        log.warning("no writable cache folder for %s: set METARL_CACHE", src.path)
+    if not _writable(path.parent):
+        log.warning("Omniglot cache folder %s is not writable: %s loaded without caching "
+                    "(set %s or the family option cache_dir to a writable folder)",
+                    path.parent, src.path, CACHE_ENV)
+        return images, infos
+    try:
+        _save_atomic(blob, path)
+    except OSError as e:
+        log.warning("cannot write Omniglot cache %s (%s): %s loaded without caching (set %s "
+                    "or the family option cache_dir to a writable folder)",
+                    path, e, src.path, CACHE_ENV)
+        return images, infos
+    log.info("cached %d Omniglot characters of %s in %s", len(infos), src.path, path)
+    prefix, suffix = _cache_name(src, size)
+    for old in path.parent.glob(glob.escape(prefix) + "*" + glob.escape(suffix)):
+        if old != path:  # the cache of an earlier state of this source
+            with contextlib.suppress(OSError):
+                old.unlink()
     return images, infos
 
 
@@ -289,7 +307,33 @@ def _decode_png(data: bytes, size: int) -> np.ndarray:
 # ------------------------------------------------------------------------------ cache
 
 
-def _content_key(src: _Source, size: int) -> str:
+def cache_folder() -> Path:
+    """Where Omniglot cache files go by default: ``$METARL_CACHE/omniglot``, else
+    ``$XDG_CACHE_HOME/metarl/omniglot`` (an absolute ``XDG_CACHE_HOME`` only, as the XDG
+    base directory specification says), else ``~/.cache/metarl/omniglot``."""
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = os.path.join(xdg, "metarl") if xdg and os.path.isabs(xdg) else "~/.cache/metarl"
+    return Path(root).expanduser() / "omniglot"
+
+
+def _state(src: _Source) -> str:
+    """What says a source changed without reading it: the size and mtime of a zip, or the
+    names, sizes and mtimes of a tree's PNGs (a digest)."""
+    h = hashlib.blake2b(digest_size=8)
+    if src.files is None:
+        st = src.path.stat()
+        h.update(f"zip\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    else:
+        for name in src.files:
+            st = (src.path / name).stat()
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _content_key(src: _Source, size: int, state: str) -> str:
+    """The key stored in a cache file and checked on reading: preprocessing and content."""
     h = hashlib.blake2b(f"omniglot v{CACHE_VERSION} size={size} lanczos ink=255\n".encode(),
                         digest_size=16)
     if src.files is None:  # zip: its bytes
@@ -297,26 +341,28 @@ def _content_key(src: _Source, size: int) -> str:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
     else:  # tree: names, sizes and mtimes of its PNGs
-        for name in src.files:
-            st = (src.path / name).stat()
-            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(state.encode())
     return h.hexdigest()
 
 
-def _cache_paths(src: _Source, size: int, cache_dir: PathLike | None) -> list[Path]:
-    """Cache file candidates, in order: next to the source, then the cache folder."""
-    name = f"{src.path.name}.omniglot{size}.pt"
-    root = cache_dir or os.environ.get("METARL_CACHE") or "~/.cache/metarl"
-    tag = hashlib.blake2b(str(src.path.resolve()).encode(), digest_size=6).hexdigest()
-    fallback = Path(root).expanduser() / "omniglot" / f"{tag}-{name}"
-    return [fallback] if cache_dir is not None else [src.path.parent / name, fallback]
+def _cache_name(src: _Source, size: int) -> tuple[str, str]:
+    """``(prefix, suffix)`` of ``src``'s cache file names; its state goes in between."""
+    where = hashlib.blake2b(str(src.path.resolve()).encode(), digest_size=6).hexdigest()
+    return f"{src.path.name}-{where}-", f".omniglot{size}.pt"
+
+
+def _cache_path(src: _Source, size: int, state: str, cache_dir: PathLike | None) -> Path:
+    """The cache file of ``src``: in ``cache_dir`` when given, else in ``cache_folder()``."""
+    folder = Path(cache_dir).expanduser() if cache_dir not in (None, "") else cache_folder()
+    prefix, suffix = _cache_name(src, size)
+    return folder / f"{prefix}{state}{suffix}"
 
 
 def _writable(folder: Path) -> bool:
     """Whether cache files may go into ``folder`` (created when missing).
 
     A folder without any write permission bit counts as read-only even for root, who
-    could write there: data folders marked read-only are left untouched.
+    could write there: a cache folder marked read-only is left untouched.
     """
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     return os.access(existing, os.W_OK) and bool(existing.stat().st_mode & 0o222)
@@ -324,9 +370,9 @@ def _writable(folder: Path) -> bool:
 
 def _read_cache(path: Path, key: str, source: str) -> tuple[Tensor, list[CharInfo]] | None:
     """The cached ``(images, infos)`` if ``path`` holds a valid cache for ``key``, else None."""
-    if not path.is_file():
-        return None
     try:
+        if not path.is_file():
+            return None
         blob: Any = torch.load(path, map_location="cpu", weights_only=True)
         if blob["key"] != key:
             return None

@@ -24,15 +24,27 @@ from metarl.tasks.omniglot_data import (
 )
 
 # the project's shared data sit beside the checkout (../shared), in CI too
-SHARED_ZIP = (Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+SHARED_ZIP = (Path(__file__).resolve().parents[3] / "shared" / "data" / "omniglot"
               / "images_background_small1.zip")
 SMALL1_CHARS = 136  # 24 Balinese + 22 Early_Aramaic + 24 Greek + 40 Korean + 26 Latin
 
 
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path, monkeypatch):
-    """Fallback cache under tmp_path: tests never write to ~/.cache."""
-    monkeypatch.setenv("METARL_CACHE", str(tmp_path / "fallback_cache"))
+    """The cache under tmp_path: tests never write to ~/.cache."""
+    monkeypatch.setenv("METARL_CACHE", str(tmp_path / "metarl_cache"))
+
+
+def cache_files(tmp_path, folder=None):
+    """The Omniglot cache files in ``folder`` (default: the autouse $METARL_CACHE/omniglot)."""
+    folder = tmp_path / "metarl_cache" / "omniglot" if folder is None else folder
+    return sorted(folder.glob("*.pt"))
+
+
+def listing(root: Path) -> list[tuple[str, int, int]]:
+    """Every entry under ``root`` with its size and mtime: what loading must not change."""
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                  for p in [root, *root.rglob("*")])
 
 
 def glyph(seed: int, size: int = 105) -> Image.Image:
@@ -127,10 +139,11 @@ def test_folder_of_zips_ignores_other_zips_and_prefers_zip_over_its_tree(tmp_pat
     with zipfile.ZipFile(tmp_path / "strokes_background.zip", "w") as zf:
         zf.writestr("strokes_background/Alpha/character01/0001_01.txt", "strokes")
     (tmp_path / "notes.zip").write_bytes(b"not a zip")
-    data = load_omniglot(tmp_path)
-    assert len(data) == 5
-    assert (tmp_path / "images_background.zip.omniglot28.pt").is_file()
-    assert not (tmp_path / "images_background.omniglot28.pt").exists()  # tree not read
+    (tmp_path / "metarl_cache").mkdir()
+    data = load_omniglot(tmp_path / "images_background.zip")  # a cache for the zip
+    assert same(load_omniglot(tmp_path), data)
+    [cache] = cache_files(tmp_path)  # the tree beside its zip was not read
+    assert cache.name.startswith("images_background.zip-")
 
 
 # ------------------------------------------------------------------------------- errors
@@ -205,10 +218,11 @@ def counting_decoder(monkeypatch) -> list[int]:
     return calls
 
 
-def test_second_load_reads_the_cache_next_to_the_data(tree_and_zip, monkeypatch):
+def test_second_load_reads_the_cache(tree_and_zip, tmp_path, monkeypatch):
     _, zip_path = tree_and_zip
     first = load_omniglot(zip_path)
-    cache = zip_path.parent / "images_background.zip.omniglot28.pt"
+    [cache] = cache_files(tmp_path)
+    assert cache.name.endswith(".omniglot28.pt")
     blob = torch.load(cache, weights_only=True)
     assert torch.equal(blob["images"], first.images)
 
@@ -217,6 +231,65 @@ def test_second_load_reads_the_cache_next_to_the_data(tree_and_zip, monkeypatch)
 
     monkeypatch.setattr(od, "_decode_png", boom)
     assert same(load_omniglot(zip_path), first)
+
+
+def test_loading_leaves_the_data_folders_untouched(tmp_path):
+    data_root = tmp_path / "data"
+    top = make_tree(data_root / "tree")
+    (data_root / "zips").mkdir()
+    zip_tree(top, data_root / "zips" / "images_background.zip")
+    before = listing(data_root)
+    for path in (top, data_root / "zips", data_root / "zips" / "images_background.zip"):
+        for _ in range(2):  # building the cache, then reading it
+            load_omniglot(path)
+            load_omniglot(path, image_size=14)
+    assert listing(data_root) == before
+    # one cache file per source and image size, all in the cache folder
+    names = [p.name for p in cache_files(tmp_path)]
+    assert len(names) == 4 and sum(n.startswith("images_background.zip-") for n in names) == 2
+
+
+def test_cache_folder_from_metarl_cache_then_xdg_then_home(tree_and_zip, tmp_path, monkeypatch):
+    _, zip_path = tree_and_zip
+    first = load_omniglot(zip_path)
+    assert od.cache_folder() == tmp_path / "metarl_cache" / "omniglot"
+    assert len(cache_files(tmp_path)) == 1
+    monkeypatch.setenv("METARL_CACHE", str(tmp_path / "env"))
+    assert same(load_omniglot(zip_path), first)
+    assert len(cache_files(tmp_path, tmp_path / "env" / "omniglot")) == 1
+    monkeypatch.delenv("METARL_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert od.cache_folder() == tmp_path / "xdg" / "metarl" / "omniglot"
+    load_omniglot(zip_path)
+    assert len(cache_files(tmp_path, tmp_path / "xdg" / "metarl" / "omniglot")) == 1
+    for xdg in ("", "relative/cache"):  # unset or relative (invalid per XDG): the home default
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert od.cache_folder() == tmp_path / "home" / ".cache" / "metarl" / "omniglot"
+    load_omniglot(zip_path)
+    assert len(cache_files(tmp_path, tmp_path / "home" / ".cache" / "metarl" / "omniglot")) == 1
+    # the cache_dir option wins over all of them, and holds the files itself
+    mine = tmp_path / "mine"
+    monkeypatch.setenv("METARL_CACHE", str(tmp_path / "env2"))
+    assert same(load_omniglot(zip_path, cache_dir=mine), first)
+    assert len(cache_files(tmp_path, mine)) == 1 and not (tmp_path / "env2").exists()
+
+
+def test_two_data_sets_of_the_same_name_do_not_share_a_cache(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = zip_tree(make_tree(tmp_path / "ta"), tmp_path / "a" / "images_background.zip")
+    b = zip_tree(make_tree(tmp_path / "tb", alphabets={"Gamma": 2}, first_id=40),
+                 tmp_path / "b" / "images_background.zip")
+    da, db = load_omniglot(a), load_omniglot(b)
+    assert len(cache_files(tmp_path)) == 2 and len(da) == 5 and len(db) == 2
+    calls = counting_decoder(monkeypatch)
+    assert same(load_omniglot(a), da) and same(load_omniglot(b), db) and calls == []
+    # a changed source gets a new file; its earlier state's file is removed
+    zip_tree(make_tree(tmp_path / "tc", alphabets={"Delta": 1}, first_id=70), a)
+    assert len(load_omniglot(a)) == 1 and len(calls) == 20
+    assert len(cache_files(tmp_path)) == 2
+    assert same(load_omniglot(b), db) and len(calls) == 20
 
 
 def test_cache_is_rebuilt_when_options_or_content_change(tree_and_zip, monkeypatch):
@@ -245,7 +318,7 @@ def test_cache_is_rebuilt_when_options_or_content_change(tree_and_zip, monkeypat
 def test_corrupt_cache_is_rebuilt(tree_and_zip, monkeypatch):
     _, zip_path = tree_and_zip
     first = load_omniglot(zip_path)
-    cache = zip_path.parent / "images_background.zip.omniglot28.pt"
+    [cache] = cache_files(zip_path.parent.parent)
     calls = counting_decoder(monkeypatch)
     for junk in (b"garbage", cache.read_bytes()[:1000]):
         cache.write_bytes(junk)
@@ -256,18 +329,25 @@ def test_corrupt_cache_is_rebuilt(tree_and_zip, monkeypatch):
     assert torch.equal(torch.load(cache, weights_only=True)["images"], first.images)
 
 
-def test_read_only_data_folder_caches_in_metarl_cache(tree_and_zip, tmp_path, monkeypatch):
+def test_unwritable_cache_folder_loads_without_caching(tree_and_zip, tmp_path, monkeypatch,
+                                                       caplog):
     _, zip_path = tree_and_zip
-    zip_path.parent.chmod(0o555)
+    ref = load_omniglot(zip_path, cache=False)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o555)  # no write bit: respected even by root
+    calls = counting_decoder(monkeypatch)
     try:
-        first = load_omniglot(zip_path)
+        for folder in (blocker / "cache", read_only):
+            monkeypatch.setenv("METARL_CACHE", str(folder))
+            caplog.clear()
+            with caplog.at_level("WARNING", logger=od.__name__):
+                assert same(load_omniglot(zip_path), ref)
+            assert "loaded without caching" in caplog.text and "METARL_CACHE" in caplog.text
+        assert list(read_only.iterdir()) == [] and len(calls) == 200  # decoded each time
     finally:
-        zip_path.parent.chmod(0o755)
-    assert not (zip_path.parent / "images_background.zip.omniglot28.pt").exists()
-    [cache] = (tmp_path / "fallback_cache" / "omniglot").glob("*-images_background.zip.*.pt")
-    assert torch.equal(torch.load(cache, weights_only=True)["images"], first.images)
-    load_omniglot(zip_path, cache_dir=tmp_path / "mine")
-    assert len(list((tmp_path / "mine" / "omniglot").glob("*.pt"))) == 1
+        read_only.chmod(0o755)
 
 
 def test_failed_cache_write_leaves_no_partial_file(tree_and_zip, tmp_path, monkeypatch):
