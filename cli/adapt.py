@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
-from metarl import checkpoint, families
-from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, UserError, err, out, set_threads,
-                               user_errors, with_family_options)
-from metarl.rl.family import RLFamily, adapt_steps, parse_task_json
+from metarl import checkpoint
+from metarl.checkpoint import Adapted
+from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, UserError, err, out, parse_options,
+                               set_threads, user_errors)
+from metarl.evaluate import adapt_to_task
+from metarl.rl.family import RLFamily
 from metarl.types import resolve_device, resolve_dtype
 
 
@@ -33,17 +37,18 @@ def adapt(
     """
     with user_errors():
         set_threads(threads)
-        state = with_family_options(checkpoint.load(run), family_opt)
-        cfg = state["config"]
-        family = families.make(cfg["family"], **cfg.get("family_options", {}))
+        run_ = checkpoint.load(run).with_family_options(parse_options(family_opt))
+        family = run_.family()
         if not isinstance(family, RLFamily):
             raise UserError(f"metarl adapt is for RL families; {family.name!r} is supervised: use "
                             "metarl evaluate")
         spec = parse_task_json(family, task)
-        rates = tuple(lr) if lr else (family.defaults.eval_lr or (float(cfg["inner_lr"]),))
-        dev, dtype = resolve_device(device), resolve_dtype(cfg.get("dtype", "float32"))
-        phi, returns = adapt_steps(family, state["theta"], spec, steps=steps, lr=rates,
-                                   rollouts=rollouts, seed=seed, device=dev, dtype=dtype)
+        inner_lr = run_.config.inner.lr
+        rates = tuple(lr) if lr else (family.defaults.eval.lr or (
+            inner_lr if isinstance(inner_lr, tuple) else (inner_lr,)))
+        dev, dtype = resolve_device(device), resolve_dtype(run_.config.dtype)
+        phi, returns = adapt_to_task(family, run_.theta, spec, steps=steps, lr=rates,
+                                     rollouts=rollouts, seed=seed, device=dev, dtype=dtype)
         table = Table(title=f"{family.name}: adapting to {spec}")
         table.add_column("after step", justify="right")
         table.add_column("average return", justify="right")
@@ -51,9 +56,22 @@ def adapt(
             table.add_row(str(j), f"{r:.3f}")
         out.print(table)
         if out_path is not None:
-            adapted = {"task": spec, "steps": steps, "lr": list(rates), "seed": seed,
-                       "returns": returns, "from": str(run)}
-            history = list(state.get("adapted_history", [])) + [adapted]
-            checkpoint.save(out_path, theta=phi, config=cfg, iteration=int(state["iteration"]),
-                            adapted=adapted, adapted_history=history)
+            step = Adapted(task=spec, steps=steps, lr=list(rates), seed=seed, returns=returns,
+                           source=str(run))
+            adapted = dataclasses.replace(run_, theta=phi, optimizer=None, task_rng=None,
+                                          adapted=(*run_.adapted, step))
+            checkpoint.save(out_path, adapted)
             err.print(f"saved the adapted policy to {out_path}", markup=False)
+
+
+def parse_task_json(family: RLFamily, text: str) -> dict[str, Any]:
+    """``--task`` text -> a checked task spec (one-line error with the fix on bad input)."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--task is not valid JSON ({e.msg}): give e.g. "
+                        "'{\"goal\": [0.3, -0.2]}'") from None
+    try:
+        return family.check_task(spec)
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"bad task for family {family.name!r}: {e}") from None

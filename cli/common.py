@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from metarl.types import ConfigError
+from metarl.types import MetarlError, UsageError
 
 # without a terminal (pipes, CI, CliRunner) tables get room instead of 80 columns
 err = Console(stderr=True, highlight=False, soft_wrap=True,
@@ -19,29 +19,20 @@ err = Console(stderr=True, highlight=False, soft_wrap=True,
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
-class UserError(Exception):
+class UserError(UsageError):
     """Raised by CLI code for bad usage; printed as one line, exit code 2."""
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [ConfigError, UserError]
-    with contextlib.suppress(ImportError):
-        from metarl.tasks.omniglot_data import DataError
-
-        types.append(DataError)
-    return tuple(types)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn user-facing errors into ``error: ...`` on stderr and exit code 2 (or the error's
-    own ``exit_code``: 1 for a failed environment); Ctrl-C into exit 130."""
+    """Turn metarl's errors into ``error: ...`` (one line) on stderr and their exit code
+    (2 for bad usage, 1 for a run that failed); Ctrl-C into exit 130."""
     try:
         yield
-    except user_error_types() as e:
+    except MetarlError as e:
         msg = " ".join(str(e).split())  # one line
         err.print(f"error: {msg}", markup=False)
-        raise typer.Exit(code=getattr(e, "exit_code", 2)) from None
+        raise typer.Exit(code=e.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         raise typer.Exit(code=130) from None
@@ -64,27 +55,6 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
 FAMILY_OPT_HELP = ("Override a family option of the run as KEY=VALUE (JSON values), repeatable: "
                    "rollouts=40, workers=2, oracle_run=runs/cheetah-oracle. Options that change "
                    "the model's shape are refused.")
-
-
-def with_family_options(state: dict[str, Any], pairs: list[str] | None) -> dict[str, Any]:
-    """The checkpoint ``state`` with ``--family-opt`` pairs merged into its family options.
-
-    The family is rebuilt with the merged options and must still fit the
-    checkpoint's parameters (same names and shapes), so a typo in an option or
-    one that would change the model gives a one-line error, not a shape error
-    deep in a forward pass.
-    """
-    opts = parse_options(pairs)
-    if not opts:
-        return state
-    from metarl import families
-
-    cfg = dict(state["config"])
-    cfg["family_options"] = {**cfg.get("family_options", {}), **opts}
-    if not families.fits(families.make(cfg["family"], **cfg["family_options"]), state["theta"]):
-        raise UserError(f"--family-opt {' '.join(pairs or [])} changes the model of this run; only "
-                        "options that keep its parameters (rollouts, workers, horizon, ...) can change")
-    return {**state, "config": cfg}
 
 
 THREADS_HELP = ("Torch CPU threads (on a small shared machine 1 is often fastest). "

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, err, out, set_threads, user_errors,
-                               with_family_options)
-from metarl import checkpoint, families
+from metarl import checkpoint
 from metarl.checkpoint import atomic_write
-from metarl.evaluate import evaluate_checkpoint, pretrained_baseline
+from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, err, out, parse_options, set_threads,
+                               user_errors)
+from metarl.evaluate import evaluate_checkpoint
 from metarl.plots import adaptation_curves
 
 
@@ -45,41 +46,31 @@ def evaluate(
     """
     with user_errors():
         set_threads(threads)
-        pairs = list(family_opt or []) + ([f"rollouts={rollouts}"] if rollouts else [])
-        state = with_family_options(checkpoint.load(run), pairs)
+        options = parse_options(family_opt)
+        if rollouts:
+            options["rollouts"] = rollouts
         if data:
-            cfg = dict(state["config"])
-            cfg["family_options"] = {**cfg.get("family_options", {}),
-                                     "eval_data": [str(p) for p in data]}
-            state = {**state, "config": cfg}
+            options["eval_data"] = [str(p) for p in data]
+        run_ = checkpoint.load(run).with_family_options(options)
         overrides = {k: v for k, v in (("shots", shots), ("query", query)) if v is not None}
-        pre = None
-        if baselines and getattr(families.make(state["config"]["family"],
-                                               **state["config"].get("family_options", {})),
-                                 "metric", "") == "return":
-            if pretrained is not None:
-                pre = checkpoint.load(pretrained)["theta"]
-            else:
-                n = pretrain_iterations or int(state["config"].get("extra", {}).get(
-                    "pretrain_iterations", 100))
-                err.print(f"pretrained baseline: {n} iterations on all tasks jointly, cached in "
-                          f"{checkpoint.resolve_path(run).parent / 'pretrained'}", markup=False)
-                pre = pretrained_baseline(str(run), state, iterations=n)
-        ev = evaluate_checkpoint(state, n_tasks=tasks, steps=steps,
-                                 lr=tuple(lr) if lr else None, seed=seed, device=device,
-                                 baselines=baselines, pretrained=pre, proximal=proximal,
+        ev = evaluate_checkpoint(run_, n_tasks=tasks, steps=steps, lr=tuple(lr) if lr else None,
+                                 seed=seed, device=device, baselines=baselines,
+                                 pretrained=pretrained, pretrain_iterations=pretrain_iterations,
+                                 proximal=proximal, notify=lambda m: err.print(m, markup=False),
                                  **overrides)
         table = Table(title=f"{ev.family} / {ev.algo}: {ev.metric} after k adaptation steps "
                             f"({ev.curve.n_tasks} test tasks, mean +- 95% CI)")
         table.add_column("k", justify="right")
         for c in [ev.curve, *ev.baselines]:
             table.add_column(c.label, justify="right")
+        curves = [ev.curve, *ev.baselines]
+        digits = decimals([v for c in curves for v in c.ci95])
         for j in ev.curve.steps:
-            table.add_row(str(j), *[f"{c.mean[j]:.4g} +- {c.ci95[j]:.2g}"
-                                    for c in [ev.curve, *ev.baselines]])
+            table.add_row(str(j), *[f"{c.mean[j]:.{digits}f} +- {c.ci95[j]:.{digits}f}"
+                                    for c in curves])
         out.print(table)
         for label, y in ev.hlines.items():
-            out.print(f"{label}: {y:.4g}")
+            out.print(f"{label}: {y:.{digits}f}")
         gap = ev.gap_closed()
         if gap is not None:
             out.print("fraction of the gap to the oracle closed after k steps: "
@@ -92,3 +83,12 @@ def evaluate(
             adaptation_curves([ev.curve, *ev.baselines], plot, metric=ev.metric,
                               title=f"{ev.family}: {ev.algo}", hlines=ev.hlines)
             err.print(f"wrote {plot}", markup=False)
+
+
+def decimals(ci95: list[float]) -> int:
+    """One precision for a whole table: enough decimals to show two significant digits
+    of the smallest nonzero confidence half-width (at most 6, at least 1)."""
+    widths = [w for w in ci95 if w > 0 and math.isfinite(w)]
+    if not widths:
+        return 3
+    return max(1, min(6, 1 - math.floor(math.log10(min(widths)))))

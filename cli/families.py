@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -49,9 +50,24 @@ def show(name: Annotated[str, typer.Argument(help="Family name or package.module
         out.print(plain(fam.describe()), markup=False)
         d = fam.defaults
         out.print("defaults:", markup=False)
-        for key, value in vars(d).items():
-            if key != "extra" and value is not None:
-                out.print(f"  {key} = {value}", markup=False)
-        for key, value in d.extra.items():
+        train = {k: v for k, v in d.train.to_dict().items() if k not in ("family", "family_options")}
+        for key, value in flatten(train):
+            out.print(f"  {key} = {value}", markup=False)
+        for algo, ov in d.per_algo.items():
+            for key in ("steps", "lr"):
+                if getattr(ov, key) is not None:
+                    out.print(f"  {algo}: inner.{key} = {getattr(ov, key)}", markup=False)
+        for key, value in flatten(dataclasses.asdict(d.eval), "eval."):
             out.print(f"  {key} = {value}", markup=False)
         out.print(f"options: {fam.options()}", markup=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``{"inner": {"lr": 0.1}}`` -> ``[("inner.lr", 0.1)]``, in order; None values left out."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            rows += flatten(value, f"{prefix}{key}.")
+        elif value is not None:
+            rows.append((f"{prefix}{key}", value))
+    return rows

@@ -47,6 +47,8 @@ import torch
 from gymnasium import spaces
 from torch import Tensor
 
+from metarl import checkpoint
+from metarl import params as P
 from metarl.rl.family import RL_DEFAULTS, RLFamily
 from metarl.rl.workers import WorkerBatchEnv
 from metarl.types import ConfigError
@@ -540,7 +542,7 @@ class LocomotionSlots:
         self.envs = []
 
 
-LOCOMOTION_DEFAULTS = dataclasses.replace(RL_DEFAULTS, meta_batch=40)
+LOCOMOTION_DEFAULTS = RL_DEFAULTS.with_(train={"meta_batch": 40})
 """REFERENCE.md's MAML-RL settings, with the locomotion meta-batch of 40."""
 
 RLLAB_DIFFERENCES = (
@@ -638,22 +640,18 @@ class LocomotionFamily(RLFamily):
         """
         if self.oracle_run is None:
             return None
-        from metarl import checkpoint
-        from metarl import params as P
-
-        state = checkpoint.load(self.oracle_run)
-        cfg = state["config"]
-        opts = dict(cfg.get("family_options", {}))
-        if cfg.get("family") != self.name or not opts.get("oracle"):
+        run = checkpoint.load(self.oracle_run)
+        opts = dict(run.config.family_options)
+        if run.config.family != self.name or not opts.get("oracle"):
             raise ConfigError(
-                f"oracle_run {self.oracle_run!r} was trained on family {cfg.get('family')!r} "
+                f"oracle_run {self.oracle_run!r} was trained on family {run.config.family!r} "
                 f"with oracle={opts.get('oracle', False)}: train one with metarl train --family "
                 f"{self.name} --family-opt oracle=true --inner-steps 0")
         opts.update(oracle_run=None, rollouts=self.rl.rollouts, horizon=self.rl.horizon,
                     workers=self.workers)
         oracle = type(self)(**opts)
         batch = oracle.batch_for(tasks, ORACLE_SEED, device=device, dtype=dtype)
-        theta_T = P.expand(P.to(state["theta"], device, dtype), len(tasks))
+        theta_T = P.expand(P.to(run.theta, device, dtype), len(tasks))
         return batch.metric(theta_T, batch.inner_data(theta_T))
 
 

@@ -71,8 +71,8 @@ def main(iterations: int = 3, out: str = "runs/pendulum-example") -> None:
     """Register the family, meta-train it briefly, adapt to a new task."""
     import torch
 
-    from metarl import config, families
-    from metarl.rl.family import adapt_steps
+    from metarl import checkpoint, config, families
+    from metarl.evaluate import adapt_to_task
     from metarl.train import train
 
     families.register("pendulum-gravity", PendulumGravityFamily, overwrite=True)
@@ -82,9 +82,9 @@ def main(iterations: int = 3, out: str = "runs/pendulum-example") -> None:
                                   "family_options": family.options()})
     result = train(cfg, out, overwrite=True)
     print(f"trained {result.iterations} iterations: {result.metrics}")
-    state = torch.load(f"{out}/checkpoint.pt", weights_only=True)
-    _, returns = adapt_steps(family, state["theta"], {"g": 12.0}, steps=1, lr=(0.1,),
-                             rollouts=4, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+    run = checkpoint.load(out)  # a typed record: run.theta, run.config, run.iteration, ...
+    _, returns = adapt_to_task(family, run.theta, {"g": 12.0}, steps=1, lr=(0.1,), rollouts=4,
+                               seed=0, device=torch.device("cpu"), dtype=torch.float32)
     print(f"return before / after one adaptation step on g = 12: {returns[0]:.1f} / {returns[1]:.1f}")
 
 

@@ -29,9 +29,9 @@ def main(iterations: int = 10_000, seed: int = 0) -> Curve:
             print(f"iteration {it}: query MSE after adaptation {mg.metrics()['outer/loss']:.3f}")
 
     # 5-shot meta-test on fresh tasks: MSE after 0..10 steps of lr 0.01
-    values = adaptation_values(theta, family, n_tasks=600, steps=10, lr=0.01, seed=seed,
+    scores = adaptation_values(theta, family, n_tasks=600, steps=10, lr=0.01, seed=seed,
                                device=torch.device("cpu"), dtype=torch.float32, shots=5)
-    curve = Curve.from_values("maml", values)
+    curve = Curve.from_values("maml", scores.values)
     for k in (0, 1, 5, 10):
         print(f"MSE after {k:2d} steps: {curve.mean[k]:.3f} +- {curve.ci95[k]:.3f}")
     return curve

@@ -1,31 +1,50 @@
-"""Checkpoints: plain dicts of tensors and JSON-like values, written atomically.
+"""Checkpoints: a typed run record on disk, written atomically.
 
-A checkpoint loads with ``torch.load(path, weights_only=True)``. It holds the
-meta-parameters ``theta``, the resolved training configuration (family name and
-options included, so the family can be rebuilt), the iteration and the outer
-optimizer's state.
+A checkpoint file is a plain dict of tensors and JSON-like values, so it loads
+with ``torch.load(path, weights_only=True)``: the meta-parameters ``theta``, the
+resolved :class:`~metarl.config.TrainConfig` (family name and options
+included), the iteration, the outer optimizer's state and the task stream's
+RNG state. :func:`load` returns it as a :class:`Run`; every reader uses that.
+Checkpoints written before the configuration was nested (format v1) load too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from metarl import families
+from metarl.config import TrainConfig
+from metarl.families import Family
 from metarl.types import ConfigError, Params
 
-FORMAT = "metarl-checkpoint-v1"
+FORMAT = "metarl-checkpoint-v2"
+"""v2: nested configuration. v1 (flat ``inner_steps``, ``extra``, ...) still loads."""
+FORMATS = ("metarl-checkpoint-v1", FORMAT)
 CHECKPOINT = "checkpoint.pt"
 
 
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
+
+    Raises:
+        ConfigError: the folder cannot be created or written (named, with the fix).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ConfigError(f"cannot write {str(path)!r} ({e.strerror or e}): choose a folder "
+                          "you can write to") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -38,10 +57,78 @@ def atomic_write(path: str | Path, write: Any) -> None:
         raise
 
 
-def save(path: str | Path, *, theta: Params, config: dict[str, Any], iteration: int,
-         optimizer: dict[str, Any] | None = None, **extra: Any) -> None:
-    state = {"format": FORMAT, "theta": {k: v.detach().cpu() for k, v in theta.items()},
-             "config": config, "iteration": iteration, "optimizer": optimizer, **extra}
+@dataclass(frozen=True, kw_only=True)
+class Adapted:
+    """How ``metarl adapt`` produced a policy from its parent checkpoint."""
+
+    task: dict[str, Any]
+    steps: int
+    lr: list[float]
+    seed: int
+    returns: list[float]
+    source: str
+    """The run or checkpoint it was adapted from."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Run:
+    """A checkpoint: meta-parameters, how they were trained, and where training stands.
+
+    ``theta`` is on the CPU, without a task dimension. ``optimizer`` and ``task_rng``
+    are None in checkpoints that do not continue training (an adapted policy).
+    """
+
+    theta: Params
+    config: TrainConfig
+    iteration: int
+    optimizer: dict[str, Any] | None = None
+    """The outer optimizer's ``state_dict``."""
+    task_rng: Tensor | None = None
+    """State of the generator of training tasks (resume draws the tasks it would have)."""
+    adapted: tuple[Adapted, ...] = ()
+    """``metarl adapt`` steps that produced this policy, oldest first."""
+    path: Path | None = field(default=None, compare=False)
+    """The file it was loaded from."""
+
+    def family(self) -> Family:
+        """The family the run trained on, rebuilt with its recorded options."""
+        return families.make(self.config.family, **self.config.family_options)
+
+    def with_family_options(self, options: Mapping[str, Any]) -> Run:
+        """The run with family options changed (``rollouts``, ``workers``, ...).
+
+        Raises:
+            ConfigError: the options change the model (its parameter names or shapes).
+        """
+        if not options:
+            return self
+        cfg = dataclasses.replace(self.config,
+                                  family_options={**self.config.family_options, **options})
+        if not families.fits(families.make(cfg.family, **cfg.family_options), self.theta):
+            shown = " ".join(f"{k}={v}" for k, v in options.items())
+            raise ConfigError(f"family options {shown} change the model of this run; only "
+                              "options that keep its parameters (rollouts, workers, horizon, "
+                              "...) can change")
+        return dataclasses.replace(self, config=cfg)
+
+    def to_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "format": FORMAT, "theta": {k: v.detach().cpu() for k, v in self.theta.items()},
+            "config": self.config.to_dict(), "iteration": int(self.iteration),
+            "optimizer": self.optimizer, "task_rng": self.task_rng,
+            "family": self.config.family, "algo": self.config.algo}
+        if self.adapted:
+            state["adapted_history"] = [
+                {**dataclasses.asdict(a), "from": a.source} for a in self.adapted]
+            for a in state["adapted_history"]:
+                del a["source"]
+            state["adapted"] = state["adapted_history"][-1]
+        return state
+
+
+def save(path: str | Path, run: Run) -> None:
+    """Write ``run`` to ``path`` atomically."""
+    state = run.to_state()
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -58,14 +145,33 @@ def resolve_path(run_or_checkpoint: str | Path) -> Path:
     return p
 
 
-def load(run_or_checkpoint: str | Path) -> dict[str, Any]:
-    """Load a checkpoint (safely: ``weights_only=True``) and check its format."""
+def load(run_or_checkpoint: str | Path) -> Run:
+    """Load a checkpoint (safely: ``weights_only=True``), check its format and type it.
+
+    Raises:
+        ConfigError: missing, corrupt or not a metarl checkpoint.
+    """
     p = resolve_path(run_or_checkpoint)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ConfigError(f"cannot read checkpoint {str(p)!r} ({type(e).__name__}): the file is "
                           "corrupt or not a metarl checkpoint") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in FORMATS:
         raise ConfigError(f"{str(p)!r} is not a metarl checkpoint (expected format {FORMAT})")
-    return state
+    try:
+        config = TrainConfig.from_dict(state["config"], where=f"checkpoint {str(p)!r}")
+        history = state.get("adapted_history") or ([state["adapted"]] if state.get("adapted")
+                                                   else [])
+        adapted = tuple(Adapted(task=dict(a["task"]), steps=int(a["steps"]),
+                                lr=[float(x) for x in a["lr"]], seed=int(a["seed"]),
+                                returns=[float(x) for x in a["returns"]], source=str(a["from"]))
+                        for a in history)
+        return Run(theta=dict(state["theta"]), config=config, iteration=int(state["iteration"]),
+                   optimizer=state.get("optimizer"), task_rng=state.get("task_rng"),
+                   adapted=adapted, path=p)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"checkpoint {str(p)!r} is incomplete ({type(e).__name__}: {e}): it "
+                          "was not written by metarl train or metarl adapt") from None

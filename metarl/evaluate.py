@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from metarl import checkpoint
 from metarl import params as P
+from metarl.checkpoint import Run
 from metarl.families import Family
 from metarl.inner import InnerConfig, adapt
-from metarl.types import Params
+from metarl.rl.family import RLFamily
+from metarl.train import train
+from metarl.types import Params, RLTaskBatch, TaskBatch, resolve_device, resolve_dtype
 
 TEST_SEED_OFFSET = 1_000_003
 """Test tasks are drawn from ``seed + TEST_SEED_OFFSET``: never the training stream."""
@@ -43,46 +49,56 @@ class Curve:
                 "n_tasks": self.n_tasks}
 
 
+@dataclass
+class Scores:
+    """Per-task metric after 0..K adaptation steps, and the tasks it was measured on."""
+
+    values: torch.Tensor
+    """``[n_tasks, K+1]`` (CPU, float64)."""
+    tasks: list[dict[str, Any]] | None
+    """RL: the task specs drawn (for the oracle line); None for supervised families."""
+
+
 def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int,
                       lr: float | tuple[float, ...], seed: int, device: torch.device,
                       dtype: torch.dtype, chunk: int = 600, prox_lam: float | None = None,
-                      **overrides: Any) -> torch.Tensor:
+                      **overrides: Any) -> Scores:
     """Per-task metric after 0..K steps of gradient descent on the inner loss.
 
     With ``prox_lam`` the steps descend iMAML's proximal inner objective
     ``L_in(phi) + lam/2 |phi - theta|^2`` (an iMAML model adapts as it was trained).
 
     Tasks are drawn from the test split with ``seed + TEST_SEED_OFFSET`` and
-    processed ``chunk`` at a time (all tasks of a chunk adapt as one batch).
-
-    Returns:
-        ``[n_tasks, steps + 1]`` (CPU, float64).
+    processed ``chunk`` at a time (all tasks of a chunk adapt as one batch): every
+    ``theta`` evaluated with the same arguments sees the same tasks.
     """
     cfg = InnerConfig(steps=steps, lr=lr)
     gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
     theta = P.to(P.detach(theta), device, dtype)
-    rows = []
+    rows, tasks = [], []
     for start in range(0, n_tasks, chunk):
         T = min(chunk, n_tasks - start)
         batch = family.sample_batch(T, gen, split="test", device=device, dtype=dtype, **overrides)
         prox = (prox_lam, P.expand(theta, T)) if prox_lam else None
         _, vals = score_while_adapting(batch, P.expand(theta, T), steps, cfg, prox=prox)
         rows.append(torch.stack(vals, 1))  # [T, K+1]
-    return torch.cat(rows)
+        if isinstance(batch, RLTaskBatch):
+            tasks += batch.tasks
+    return Scores(torch.cat(rows), tasks if family.kind == "rl" else None)
 
 
-def score_while_adapting(batch: Any, phi: Params, steps: int, cfg: InnerConfig,
+def score_while_adapting(batch: TaskBatch, phi: Params, steps: int, cfg: InnerConfig,
                          prox: tuple[float, Params] | None = None) -> tuple[Params, list[torch.Tensor]]:
     """Take ``steps`` inner steps from ``phi``, scoring before each step and after the last.
 
-    RL batches (``scores_inner_data``): the score at step j is the return of the
-    trajectories phi_j samples to adapt on. Supervised: the metric on the query
+    RL batches (:class:`~metarl.types.RLTaskBatch`): the score at step j is the return of
+    the trajectories phi_j samples to adapt on. Supervised: the metric on the query
     set; adaptation uses the support set.
 
     Returns:
         The adapted parameters and ``steps + 1`` per-task scores ``[T]`` (CPU, float64).
     """
-    on_inner = getattr(batch, "scores_inner_data", False)
+    on_inner = isinstance(batch, RLTaskBatch)
     vals = []
     for j in range(steps + 1):
         data = batch.inner_data(phi) if on_inner else None
@@ -93,6 +109,37 @@ def score_while_adapting(batch: Any, phi: Params, steps: int, cfg: InnerConfig,
             phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)), create_graph=False,
                         data=[data] if on_inner else None, prox=prox).phi
     return phi, vals
+
+
+def adapt_to_task(family: RLFamily, theta: Params, task: dict[str, Any], *, steps: int,
+                  lr: tuple[float, ...], rollouts: int | None, seed: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[Params, list[float]]:
+    """Adapt to one task: returns the adapted parameters (no task dim) and the average
+    return of the trajectories sampled before each step and after the last."""
+    batch = family.batch_for([task], seed, device=device, dtype=dtype, rollouts=rollouts)
+    phi, vals = score_while_adapting(batch, P.expand(P.to(theta, device, dtype), 1), steps,
+                                     InnerConfig(steps=steps, lr=lr))
+    return {k: v[0].detach() for k, v in phi.items()}, [float(v[0]) for v in vals]
+
+
+def rl_baselines(family: Family, *, scores: Scores, pretrained: Params | None,
+                 **common: Any) -> tuple[list[Curve], dict[str, float]]:
+    """Reference curves on the test tasks of ``scores``: a randomly initialised policy and
+    a policy pretrained on all tasks jointly (if given), both adapted with the same
+    steps (``common``: the arguments of :func:`adaptation_values`), and the oracle's
+    return where the family defines one."""
+    rand = family.init_params(torch.Generator().manual_seed(common["seed"] + 12345),
+                              common["device"], common["dtype"])
+    curves = [Curve.from_values("random init", adaptation_values(rand, family, **common).values)]
+    if pretrained is not None:
+        curves.append(Curve.from_values("pretrained",
+                                        adaptation_values(pretrained, family, **common).values))
+    hlines: dict[str, float] = {}
+    if isinstance(family, RLFamily) and scores.tasks is not None:
+        oracle = family.oracle_returns(scores.tasks, common["device"], common["dtype"])
+        if oracle is not None:
+            hlines["oracle"] = float(oracle.double().mean())
+    return curves, hlines
 
 
 @dataclass
@@ -133,72 +180,79 @@ class Evaluation:
         return d
 
 
-def evaluate_checkpoint(state: dict[str, Any], *, n_tasks: int | None = None,
-                        steps: int | None = None, lr: tuple[float, ...] | None = None,
-                        seed: int = 0, device: str = "auto", chunk: int | None = None,
-                        baselines: bool = True, pretrained: Params | None = None,
-                        proximal: bool = True, **overrides: Any) -> Evaluation:
+def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | None = None,
+                        lr: tuple[float, ...] | None = None, seed: int = 0, device: str = "auto",
+                        chunk: int | None = None, baselines: bool = True,
+                        pretrained: str | Path | None = None,
+                        pretrain_iterations: int | None = None, proximal: bool = True,
+                        notify: Callable[[str], None] | None = None,
+                        **overrides: Any) -> Evaluation:
     """Meta-test the parameters of a checkpoint on fresh test tasks.
 
     Defaults (tasks, steps, test-time inner lr) come from the family; a model
     trained with more inner steps than the family's test default is tested
-    with its own number (iMAML's 16 proximal steps, Reptile's 5). Families
-    that define ``baselines(...)`` add their reference curves to the result.
-    iMAML models adapt on their proximal objective (their own lambda) unless
-    ``proximal`` is False.
-    """
-    from metarl import families
-    from metarl.types import resolve_device, resolve_dtype
+    with its own number (iMAML's 16 proximal steps, Reptile's 5). iMAML models
+    adapt on their proximal objective (their own lambda) unless ``proximal`` is False.
 
-    cfg = state["config"]
-    family = families.make(cfg["family"], **cfg.get("family_options", {}))
-    d = family.defaults
-    n = n_tasks if n_tasks is not None else d.eval_tasks
-    k = steps if steps is not None else max(d.eval_steps, int(cfg["inner_steps"]))
-    rates = lr or d.eval_lr or (float(cfg["inner_lr"]),)
-    dev, dtype = resolve_device(device), resolve_dtype(cfg.get("dtype", "float32"))
-    size = chunk or getattr(family, "eval_chunk", 600)
-    theta = state["theta"]
-    common = dict(n_tasks=n, steps=k, lr=tuple(rates), seed=seed, device=dev, dtype=dtype,
-                  chunk=size, **overrides)
-    prox_lam = float(cfg["imaml_lam"]) if cfg["algo"] == "imaml" and proximal else None
-    values = adaptation_values(theta, family, prox_lam=prox_lam, **common)
-    result = Evaluation(family=family.name, algo=cfg["algo"], metric=family.metric,
-                        curve=Curve.from_values(cfg["algo"], values),
+    RL families with ``baselines`` add a randomly initialised policy, a policy
+    pretrained on all tasks jointly (``pretrained``: its run or checkpoint; None:
+    ``RUN/pretrained``, trained for ``pretrain_iterations`` on first use, the
+    family's default when None) and the family's oracle line. ``notify`` receives
+    a line before anything long starts.
+    """
+    family = run.family()
+    d = family.defaults.eval
+    cfg = run.config
+    n = n_tasks if n_tasks is not None else d.tasks
+    k = steps if steps is not None else max(d.steps, cfg.inner.steps)
+    rates = lr or d.lr or (cfg.inner.lr if isinstance(cfg.inner.lr, tuple) else (cfg.inner.lr,))
+    dev, dtype = resolve_device(device), resolve_dtype(cfg.dtype)
+    common: dict[str, Any] = dict(n_tasks=n, steps=k, lr=tuple(rates), seed=seed, device=dev,
+                                  dtype=dtype, chunk=chunk or family.eval_chunk, **overrides)
+    prox_lam = cfg.imaml.lam if cfg.algo == "imaml" and proximal else None
+    scores = adaptation_values(run.theta, family, prox_lam=prox_lam, **common)
+    result = Evaluation(family=family.name, algo=cfg.algo, metric=family.metric,
+                        curve=Curve.from_values(cfg.algo, scores.values),
                         settings={"n_tasks": n, "steps": k, "lr": list(rates), "seed": seed,
                                   "proximal_lam": prox_lam, "family_options": family.options(),
                                   **overrides})
-    extra = getattr(family, "baselines", None)
-    if baselines and extra is not None:
-        kw = {"pretrained": P.to(pretrained, dev, dtype)} if pretrained is not None else {}
-        curves, hlines = extra(theta=theta, config=cfg, **common, **kw)
-        result.baselines, result.hlines = list(curves), dict(hlines)
+    if baselines and family.kind == "rl":
+        if pretrained is not None:
+            pre = checkpoint.load(pretrained).theta
+        else:
+            iters = pretrain_iterations or d.pretrain_iterations
+            if notify is not None:
+                notify(f"pretrained baseline: {iters} iterations on all tasks jointly, cached in "
+                       f"{pretrained_cache(run)}")
+            pre = pretrained_baseline(run, iterations=iters)
+        curves, hlines = rl_baselines(family, scores=scores, pretrained=P.to(pre, dev, dtype),
+                                      **common)
+        result.baselines, result.hlines = curves, hlines
     return result
 
 
-def pretrained_baseline(run_or_checkpoint: str, state: dict[str, Any], *, iterations: int,
-                        progress: Any = None) -> Params:
+def pretrained_cache(run: Run) -> Path:
+    """Where the pretrained baseline of ``run`` is kept: ``pretrained/`` beside its checkpoint."""
+    if run.path is None:
+        raise ValueError("the run was not loaded from a file: give its pretrained baseline")
+    return run.path.parent / "pretrained"
+
+
+def pretrained_baseline(run: Run, *, iterations: int, progress: Any = None) -> Params:
     """The "pretrained on all tasks jointly" baseline of a run, trained once and cached.
 
     It is the run's own configuration with no inner step (the meta-objective is
     then the ordinary objective averaged over tasks), trained for
-    ``iterations`` with the same outer optimizer and seed, and stored in the
-    ``pretrained/`` folder next to the run's checkpoint.
+    ``iterations`` with the same outer optimizer and seed, and stored in
+    :func:`pretrained_cache`.
     """
-    from pathlib import Path
-
-    from metarl import checkpoint as ck
-    from metarl.train import load_config, train
-
-    path = ck.resolve_path(run_or_checkpoint)
-    cache = path.parent / "pretrained"
-    if (cache / ck.CHECKPOINT).is_file():
-        cached = ck.load(cache)
-        if int(cached["iteration"]) >= iterations:
-            return cached["theta"]
-    from dataclasses import replace
-
-    cfg = replace(load_config(state), algo="maml", inner_steps=0, iterations=iterations,
-                  log_every=max(1, iterations // 10), checkpoint_every=iterations)
-    train(cfg, Path(cache), overwrite=True, progress=progress)
-    return ck.load(cache)["theta"]
+    cache = pretrained_cache(run)
+    if (cache / checkpoint.CHECKPOINT).is_file():
+        cached = checkpoint.load(cache)
+        if cached.iteration >= iterations:
+            return cached.theta
+    cfg = run.config.replace({"algo": "maml", "inner": {"steps": 0}, "iterations": iterations,
+                              "log_every": max(1, iterations // 10),
+                              "checkpoint_every": iterations})
+    train(cfg, cache, overwrite=True, progress=progress)
+    return checkpoint.load(cache).theta

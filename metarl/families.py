@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import logging
+import os
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
+from metarl import params as P
+from metarl.config import Defaults, TrainConfig
+from metarl.outer import OuterOptimizer
 from metarl.types import ConfigError, Params, TaskBatch
 
 log = logging.getLogger(__name__)
@@ -27,40 +32,30 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "metarl.families"
 
 
-@dataclass(frozen=True, kw_only=True)
-class Defaults:
-    """A family's default hyperparameters (what ``metarl train`` uses unless told otherwise)."""
-
-    algo: str = "maml"
-    iterations: int = 1000
-    meta_batch: int = 25
-    inner_steps: int = 1
-    inner_lr: float = 0.01
-    outer_lr: float = 1e-3
-    outer: str = "adam"
-    eval_steps: int = 10
-    eval_tasks: int = 600
-    eval_lr: tuple[float, ...] | None = None
-    """Inner learning rates at test time; None: the training inner lr."""
-    log_every: int = 100
-    checkpoint_every: int = 1000
-    imaml_lam: float = 1.0
-    imaml_cg_iters: int = 5
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Family-specific defaults (e.g. shots, ways, trajectories per task)."""
+FamilyKind = Literal["supervised", "rl"]
 
 
 @runtime_checkable
 class Family(Protocol):
-    """What training, evaluation and the CLI need of a task family."""
+    """What training, evaluation and the CLI need of a task family.
+
+    Subclass :class:`FamilyBase` (supervised) or :class:`metarl.rl.family.RLFamily` (RL)
+    to get the optional parts with their defaults.
+    """
 
     name: str
     description: str
     """One line for ``metarl families``."""
+    kind: FamilyKind
+    """"supervised" (fixed support and query sets) or "rl" (trajectories sampled with the
+    policy; a TRPO outer step, evaluation baselines, ``metarl adapt``). The one answer to
+    "is this RL?"."""
     metric: str
     """Name of the evaluation metric: "mse", "accuracy", "return"."""
     higher_is_better: bool
     defaults: Defaults
+    eval_chunk: int
+    """Test tasks adapted as one batch by ``metarl evaluate`` (bounds its memory)."""
 
     def describe(self) -> str:
         """The task distribution, model and protocol, several lines (``families show``)."""
@@ -68,6 +63,11 @@ class Family(Protocol):
 
     def options(self) -> dict[str, Any]:
         """The family's constructor options, JSON-serialisable, so a checkpoint can rebuild it."""
+        ...
+
+    def prepare(self) -> None:
+        """Load and check whatever the family needs (data sets) now, so that a problem is
+        reported before training starts, not mid-run."""
         ...
 
     def init_params(self, generator: torch.Generator, device: torch.device,
@@ -83,6 +83,35 @@ class Family(Protocol):
         ...
 
 
+@runtime_checkable
+class SupportsTRPO(Protocol):
+    """A family whose meta-objective TRPO can constrain (``--outer trpo``): RL families."""
+
+    def make_outer(self, cfg: TrainConfig, theta: Params) -> OuterOptimizer:
+        """The TRPO outer optimizer for a run with settings ``cfg``."""
+        ...
+
+
+class FamilyBase:
+    """The optional parts of :class:`Family` for a supervised family: subclasses set
+    ``name``, ``description``, ``metric``, ``higher_is_better`` and ``defaults`` and
+    implement ``options``, ``init_params`` and ``sample_batch``."""
+
+    kind: FamilyKind = "supervised"
+    eval_chunk = 600
+    defaults = Defaults()
+
+    def describe(self) -> str:
+        return inspect.cleandoc(type(self).__doc__ or getattr(self, "description", ""))
+
+    def prepare(self) -> None:
+        """Nothing to prepare."""
+
+
+PROTOCOL_MEMBERS = ("name", "description", "kind", "metric", "higher_is_better", "defaults",
+                    "eval_chunk", "describe", "options", "prepare", "init_params", "sample_batch")
+
+
 Factory = Callable[..., Family]
 
 _registry: dict[str, Factory] = {}
@@ -92,8 +121,6 @@ _loaded_entry_points = False
 def fits(family: Family, theta: Params) -> bool:
     """Whether parameters ``theta`` (e.g. a checkpoint's) have the names and shapes of
     ``family``'s model."""
-    from metarl import params as P
-
     fresh = family.init_params(torch.Generator().manual_seed(0), torch.device("cpu"),
                                torch.float32)
     return P.shapes(fresh) == P.shapes(theta)
@@ -141,9 +168,6 @@ def names() -> list[str]:
 
 def _import_module(name: str) -> Any:
     """Import ``name``; like ``python -m``, fall back to the current directory."""
-    import os
-    import sys
-
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
@@ -185,12 +209,21 @@ def make(name: str, **options: Any) -> Family:
             raise ConfigError(f"unknown family {name!r}: {hint}registered: {', '.join(names())} "
                               "(or give package.module:Factory)")
         factory = _registry[name]
+    from metarl.options import check_options  # unknown keys and wrong types, before building
+
+    options = check_options(factory, options, family=name)
     try:
         family = factory(**options)
     except TypeError as e:
         raise ConfigError(f"family {name!r} does not take options {sorted(options)}: {e}") from e
-    missing = [a for a in ("name", "defaults", "init_params", "sample_batch") if not hasattr(family, a)]
+    missing = [a for a in PROTOCOL_MEMBERS if not hasattr(family, a)]
     if missing:
         raise ConfigError(f"{name!r} built a {type(family).__name__}, which lacks {missing}: "
-                          "a family must implement the metarl.families.Family protocol")
+                          "a family implements the metarl.families.Family protocol (subclass "
+                          "metarl.families.FamilyBase or metarl.rl.family.RLFamily)")
+    if family.kind not in ("supervised", "rl"):
+        raise ConfigError(f"family {name!r} has kind {family.kind!r}: use 'supervised' or 'rl'")
     return family
+
+
+__all__ = ["Defaults", "Family", "FamilyBase", "SupportsTRPO", "fits", "make", "names", "register"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -15,12 +16,12 @@ import torch
 
 from metarl import checkpoint, families
 from metarl import params as P
-from metarl.algorithms import meta_grad
+from metarl.algorithms import MetaGrad, meta_grad
 from metarl.config import TrainConfig
-from metarl.families import Family
+from metarl.families import Family, SupportsTRPO
 from metarl.outer import GradientOuter, OuterOptimizer
-from metarl.types import (ConfigError, DivergedError, Params, SamplingError, TaskBatch,
-                          resolve_device, resolve_dtype)
+from metarl.types import (ConfigError, Params, RLTaskBatch, RunError, TaskBatch, resolve_device,
+                          resolve_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,12 @@ class RunResult:
 
 
 def make_outer(cfg: TrainConfig, theta: Params, family: Family) -> OuterOptimizer:
-    if cfg.outer in ("adam", "sgd"):
-        return GradientOuter(theta, cfg.outer, cfg.outer_lr)
-    make = getattr(family, "make_outer", None)  # RL families provide TRPO
-    if make is None:
-        raise ConfigError(f"outer optimizer {cfg.outer!r} is for RL families; family "
+    if cfg.outer.optimizer in ("adam", "sgd"):
+        return GradientOuter(theta, cfg.outer.optimizer, cfg.outer.lr)
+    if not isinstance(family, SupportsTRPO):
+        raise ConfigError(f"outer optimizer {cfg.outer.optimizer!r} is for RL families; family "
                           f"{cfg.family!r} trains with --outer adam or sgd")
-    return make(cfg, theta)
+    return family.make_outer(cfg, theta)
 
 
 def seeds(seed: int) -> tuple[torch.Generator, torch.Generator]:
@@ -57,13 +57,11 @@ def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = Fals
     """Raise :class:`ConfigError` for anything that would fail only once the run started."""
     resolve_device(cfg.device)
     resolve_dtype(cfg.dtype)
-    prepare = getattr(family, "prepare", None)  # load and check data now, not mid-run
-    if prepare is not None:
-        prepare()
-    if cfg.outer not in ("adam", "sgd") and getattr(family, "make_outer", None) is None:
-        raise ConfigError(f"outer optimizer {cfg.outer!r} is for RL families; family "
-                          f"{cfg.family!r} trains with --outer adam or sgd")
-    if cfg.task_chunk is not None and getattr(family, "make_outer", None) is not None:
+    family.prepare()  # load and check data now, not mid-run
+    if cfg.outer.optimizer == "trpo" and not isinstance(family, SupportsTRPO):
+        raise ConfigError(f"outer optimizer 'trpo' is for RL families; family {cfg.family!r} "
+                          "trains with --outer adam or sgd")
+    if cfg.task_chunk is not None and family.kind == "rl":
         raise ConfigError(f"--task-chunk splits supervised meta-batches; family {cfg.family!r} "
                           "samples its tasks as one batch: drop --task-chunk")
     ckpt = out / checkpoint.CHECKPOINT
@@ -73,14 +71,26 @@ def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = Fals
     if resume and not ckpt.exists():
         raise ConfigError(f"--resume: run folder {str(out)!r} has no checkpoint to continue")
     if resume:
-        state = checkpoint.load(out)
-        if state["config"].get("family") != cfg.family or not families.fits(family, state["theta"]):
+        run = checkpoint.load(out)
+        if run.config.family != cfg.family or not families.fits(family, run.theta):
             raise ConfigError(f"--resume: the checkpoint in {str(out)!r} is a "
-                              f"{state['config'].get('family')!r} model that does not fit these "
+                              f"{run.config.family!r} model that does not fit these "
                               "settings: resume with the run's own family and options")
-        if int(state["iteration"]) >= cfg.iterations:
-            raise ConfigError(f"the run in {str(out)!r} already has {int(state['iteration'])} "
+        if run.iteration >= cfg.iterations:
+            raise ConfigError(f"the run in {str(out)!r} already has {run.iteration} "
                               "iterations: raise --iterations to continue it")
+    check_writable(out)
+
+
+def check_writable(folder: Path) -> None:
+    """Raise :class:`ConfigError` unless ``folder`` can be created and written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write the run folder {str(folder)!r} ({e.strerror or e}): "
+                          "choose another --out") from None
 
 
 KEPT_DIR = "checkpoints"
@@ -168,29 +178,26 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     g_init, g_tasks = seeds(cfg.seed)
     theta = P.clone_leaf(family.init_params(g_init, device, dtype))
-    outer = make_outer(cfg, theta, family)
+    run = checkpoint.load(out) if resume else None
     start = 0
-    if resume:
-        state = checkpoint.load(out)
-        theta = P.clone_leaf(P.to(state["theta"], device, dtype))
-        outer = make_outer(cfg, theta, family)
-        if state.get("optimizer"):
-            outer.load_state_dict(state["optimizer"])
-        if state.get("task_rng") is not None:
-            g_tasks.set_state(state["task_rng"])
-        start = int(state["iteration"])
+    if run is not None:
+        theta = P.clone_leaf(P.to(run.theta, device, dtype))
+        if run.task_rng is not None:
+            g_tasks.set_state(run.task_rng)
+        start = run.iteration
+    outer = make_outer(cfg, theta, family)
+    if run is not None and run.optimizer:
+        outer.load_state_dict(run.optimizer)
     logged = trim_metrics(out, start) if resume else 0.0  # seconds of training before this run
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    inner, imaml_cfg = cfg.inner, cfg.imaml
-
-    def compute(th: Params, batch: TaskBatch):
-        return meta_grad(cfg.algo, th, batch, inner, imaml_cfg, chunk=cfg.task_chunk)
+    def compute(th: Params, batch: TaskBatch) -> MetaGrad:
+        return meta_grad(cfg.algo, th, batch, cfg.inner, cfg.imaml, chunk=cfg.task_chunk)
 
     def save(iteration: int) -> None:
-        checkpoint.save(out / checkpoint.CHECKPOINT, theta=theta, config=cfg.to_dict(),
-                        iteration=iteration, optimizer=outer.state_dict(),
-                        task_rng=g_tasks.get_state(), family=cfg.family, algo=cfg.algo)
+        checkpoint.save(out / checkpoint.CHECKPOINT,
+                        checkpoint.Run(theta=theta, config=cfg, iteration=iteration,
+                                       optimizer=outer.state_dict(), task_rng=g_tasks.get_state()))
 
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
@@ -219,7 +226,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                             out / checkpoint.CHECKPOINT, tmp))
                 if progress is not None:
                     progress(it, metrics if show else None)
-        except (KeyboardInterrupt, DivergedError, SamplingError):
+        except (KeyboardInterrupt, RunError):
             save(it - 1 if it > start else start)  # the last finished, finite iteration
             raise
     save(cfg.iterations)
@@ -227,9 +234,9 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                      seconds=time.perf_counter() - t0, metrics=metrics)
 
 
-def return_metrics(batch: TaskBatch, mg: Any) -> dict[str, float]:
+def return_metrics(batch: TaskBatch, mg: MetaGrad) -> dict[str, float]:
     """RL: mean return of the trajectories before adaptation and after it."""
-    if not getattr(batch, "scores_inner_data", False):
+    if not isinstance(batch, RLTaskBatch):
         return {}
     m: dict[str, float] = {}
     with torch.no_grad():
@@ -241,20 +248,14 @@ def return_metrics(batch: TaskBatch, mg: Any) -> dict[str, float]:
     return m
 
 
-def time_metrics(batch: Any, seconds: float) -> dict[str, float]:
+def time_metrics(batch: TaskBatch, seconds: float) -> dict[str, float]:
     """Wall seconds of the iteration; for RL, split into sampling (environment
     steps and the policy calls that choose the actions) and update (losses,
     meta-gradient, line search and baseline fits). Read after the metrics, which
     wait for the device, so the update time includes the device's work."""
     m = {"time/iteration": seconds}
-    sampled = getattr(batch, "sample_seconds", None)
-    if sampled is not None:
+    if isinstance(batch, RLTaskBatch):
+        sampled = batch.sample_seconds
         m["time/sample"] = sampled
         m["time/update"] = max(seconds - sampled, 0.0)
     return m
-
-
-def load_config(state: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig stored in a checkpoint."""
-    c = dict(state["config"])
-    return replace(TrainConfig(), **c)

@@ -57,22 +57,71 @@ class TaskBatch(Protocol):
         ...
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration problem: the message names the bad value and the fix."""
+@runtime_checkable
+class SupportsSelect(Protocol):
+    """A task batch that can be split into task chunks (``--task-chunk``)."""
+
+    def select(self, idx: slice) -> TaskBatch:
+        """The batch of tasks ``idx`` (a slice of the task dimension)."""
+        ...
 
 
-class SamplingError(ConfigError):
-    """An environment failed while sampling (it raised in a worker, or a worker died).
+@runtime_checkable
+class RLTaskBatch(TaskBatch, Protocol):
+    """A task batch whose data are trajectories sampled with the parameters.
 
-    Printed as one line by the command line, with exit code 1 (the run failed; the
-    usage was fine). Training first checkpoints the last finished iteration: the
-    failure happens while sampling, before the iteration's update.
+    Its score at adaptation step j is the return of the trajectories phi_j samples
+    to adapt on (the metric ignores ``params``); TRPO constrains :meth:`kl`.
     """
+
+    tasks: list[dict[str, Any]]
+    """The T task specs."""
+    sample_seconds: float
+    """Wall seconds spent sampling, all calls together (time/sample in the log)."""
+
+    def kl(self, old: Params, new: Params, data: Data) -> Tensor:
+        """Per-task mean KL(pi_old || pi_new) on the states of ``data``: ``[T]``."""
+        ...
+
+
+class MetarlError(Exception):
+    """Root of metarl's errors. The command line prints the message as one line and
+    exits with ``exit_code``; library callers catch the subclass they care about."""
 
     exit_code = 1
 
 
-class DivergedError(RuntimeError):
+class UsageError(MetarlError, ValueError):
+    """Bad input (an option, a file, a task spec): the message names the bad value and
+    the fix. Exit code 2; nothing has run yet, so nothing is lost."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A configuration problem: unknown or malformed settings, families or options."""
+
+
+class DataError(UsageError):
+    """Data on disk is missing, unreadable or not what the family expects."""
+
+
+class RunError(MetarlError):
+    """A run that started failed; exit code 1. Training checkpoints the last finished
+    iteration before raising it."""
+
+    exit_code = 1
+
+
+class SamplingError(RunError):
+    """An environment failed while sampling (it raised in a worker, or a worker died).
+
+    The failure happens while sampling, before the iteration's update, so the last
+    finished iteration is intact.
+    """
+
+
+class DivergedError(RunError):
     """Training produced a non-finite meta-gradient; theta was left at its last finite value."""
 
 

@@ -101,7 +101,6 @@ class RLBatch:
         self.calls = 0
         self.sample_seconds = 0.0  # wall time spent in the sampler, all calls together
         self.baseline = baseline or LinearFeatureBaseline()
-        self.scores_inner_data = True  # evaluation reads returns off the adaptation trajectories
 
     # data -----------------------------------------------------------------
     def sample(self, params: Params) -> Trajectories:

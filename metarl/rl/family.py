@@ -23,18 +23,21 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import gymnasium
 import numpy as np
 import torch
 from torch import Tensor
 
-from metarl.families import Defaults
+from metarl.algorithms.imaml import IMAMLConfig
+from metarl.config import Defaults, EvalDefaults, InnerOverride, OuterConfig, TrainConfig
+from metarl.families import FamilyBase, FamilyKind
 from metarl.inner import InnerConfig
-from metarl.rl.batch import RLBatch, RLConfig
+from metarl.models.mlp import ACTIVATIONS
+from metarl.options import require
+from metarl.rl.batch import ESTIMATORS, RLBatch, RLConfig
 from metarl.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy, Policy
 from metarl.rl.sampler import BatchEnv, GymBatchEnv, NormalizedActions
 from metarl.rl.trpo import TRPO, TRPOConfig, make_readapt
@@ -44,12 +47,15 @@ from metarl.types import ConfigError, Params
 Task = dict[str, Any]
 
 RL_DEFAULTS = Defaults(
-    algo="maml", outer="trpo", iterations=500, meta_batch=20, inner_steps=1, inner_lr=0.1,
-    outer_lr=1e-3, eval_steps=3, eval_tasks=40, eval_lr=(0.1, 0.05), log_every=10,
-    checkpoint_every=25,
-    imaml_lam=1.0, imaml_cg_iters=5,
-    extra={"max_kl": 0.01, "cg_iters": 10, "damping": 1e-5, "ls_steps": 15, "ls_backtrack": 0.8,
-           "pretrain_iterations": 100, "reptile_inner_steps": 3, "imaml_inner_steps": 3},
+    train=TrainConfig(algo="maml", iterations=500, meta_batch=20,
+                      inner=InnerConfig(steps=1, lr=0.1),
+                      outer=OuterConfig(optimizer="trpo", lr=1e-3),
+                      imaml=IMAMLConfig(lam=1.0, cg_iters=5),
+                      trpo=TRPOConfig(max_kl=0.01, cg_iters=10, damping=1e-5, ls_steps=15,
+                                      ls_backtrack=0.8),
+                      log_every=10, checkpoint_every=25),
+    per_algo={"reptile": InnerOverride(steps=3), "imaml": InnerOverride(steps=3)},
+    eval=EvalDefaults(steps=3, tasks=40, lr=(0.1, 0.05), pretrain_iterations=100),
 )
 """The MAML-RL hyperparameters of REFERENCE.md (paper and its PyTorch port). Reptile and
 iMAML, which the paper did not run, take 3 inner steps (trajectories resampled after each):
@@ -57,7 +63,7 @@ with one step Reptile's direction is the joint policy gradient (pretraining), an
 proximal problem is not solved at all."""
 
 
-class RLFamily:
+class RLFamily(FamilyBase):
     """Base class of RL task families.
 
     Subclasses set ``name`` and ``description`` and implement
@@ -82,6 +88,7 @@ class RLFamily:
 
     name = "rl-family"
     description = "an RL task family"
+    kind: FamilyKind = "rl"
     metric = "return"
     higher_is_better = True
     defaults = RL_DEFAULTS
@@ -92,20 +99,37 @@ class RLFamily:
     default_normalize_actions = False
 
     def __init__(self, rollouts: int = 20, horizon: int | None = None, gamma: float = 0.99,
-                 gae_lambda: float = 1.0, estimator: str = "reinforce",
-                 hidden: Sequence[int] | None = None, activation: str | None = None,
+                 gae_lambda: float = 1.0,
+                 estimator: Literal["reinforce", "lvc", "dice"] = "reinforce",
+                 hidden: Sequence[int] | None = None,
+                 activation: Literal["relu", "tanh"] | None = None,
                  init_std: float = 1.0, normalize_actions: bool | None = None,
                  workers: int = 0) -> None:
-        self.rl = RLConfig(rollouts=int(rollouts), horizon=int(horizon or self.default_horizon),
-                           gamma=float(gamma), gae_lambda=float(gae_lambda), estimator=estimator)
-        self.hidden = tuple(int(h) for h in (hidden or self.default_hidden))
+        name = self.name
+        E, H = int(rollouts), self.default_horizon if horizon is None else int(horizon)
+        require(E >= 1, name, "rollouts", rollouts, ">= 1 (trajectories per task)")
+        require(H >= 1, name, "horizon", horizon, ">= 1 (steps per trajectory)")
+        require(0 < float(gamma) <= 1, name, "gamma", gamma, "in (0, 1] (the discount)")
+        require(0 <= float(gae_lambda) <= 1, name, "gae_lambda", gae_lambda, "in [0, 1]")
+        require(estimator in ESTIMATORS, name, "estimator", estimator,
+                f"one of {', '.join(ESTIMATORS)}")
+        self.rl = RLConfig(rollouts=E, horizon=H, gamma=float(gamma),
+                           gae_lambda=float(gae_lambda), estimator=estimator)
+        self.hidden = tuple(int(h) for h in (self.default_hidden if hidden is None else hidden))
+        require(len(self.hidden) > 0 and all(h >= 1 for h in self.hidden), name, "hidden", hidden,
+                "a list of one or more layer sizes >= 1 (e.g. [64, 64]; omit it for the "
+                f"default {list(self.default_hidden)})")
         self.activation = activation or self.default_activation
+        require(self.activation in ACTIVATIONS, name, "activation", self.activation,
+                f"one of {', '.join(ACTIVATIONS)}")
         self.init_std = float(init_std)
+        require(0 < self.init_std < float("inf"), name, "init_std", init_std,
+                "a finite number > 0 (the initial standard deviation of the Gaussian policy)")
         self.normalize_actions = (self.default_normalize_actions if normalize_actions is None
                                   else bool(normalize_actions))
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ConfigError(f"workers must be an integer >= 0, got {workers!r}: 0 steps the "
-                              "environments in this process, N > 0 in N worker processes")
+        require(not isinstance(workers, bool) and isinstance(workers, int) and workers >= 0,
+                name, "workers", workers, "an integer >= 0 (0 steps the environments in this "
+                "process, N > 0 in N worker processes)")
         self.workers = workers
         self._policy: Policy | None = None
         self._envs: dict[tuple[str, str, int], BatchEnv] = {}
@@ -227,64 +251,7 @@ class RLFamily:
         tasks = self.sample_tasks(n_tasks, np.random.default_rng(seed))
         return self.batch_for(tasks, seed * 1000, device=device, dtype=dtype, rollouts=rollouts)
 
-    def make_outer(self, cfg: Any, theta: Params) -> TRPO:
-        """TRPO for ``metarl train --outer trpo``, settings from ``defaults.extra`` and ``cfg.extra``."""
-        settings = {**self.defaults.extra, **cfg.extra}
-        readapt = make_readapt(cfg.algo, cfg.inner, cfg.imaml_lam)
-        return TRPO(TRPOConfig.from_dict(settings), readapt, through_adaptation=cfg.algo == "maml",
-                    inner=cfg.inner)
-
-    def baselines(self, *, theta: Params, config: dict[str, Any], n_tasks: int, steps: int,
-                  lr: tuple[float, ...], seed: int, device: torch.device, dtype: torch.dtype,
-                  chunk: int, pretrained: Params | None = None, **overrides: Any
-                  ) -> tuple[list[Any], dict[str, float]]:
-        """Reference curves on the same test tasks: a randomly initialised policy, a policy
-        pretrained on all tasks jointly (if given), both adapted with the same steps, and
-        the oracle's return where the family defines one."""
-        from metarl.evaluate import TEST_SEED_OFFSET, Curve, adaptation_values
-
-        common = dict(n_tasks=n_tasks, steps=steps, lr=lr, seed=seed, device=device, dtype=dtype,
-                      chunk=chunk, **overrides)
-        rand = self.init_params(torch.Generator().manual_seed(seed + 12345), device, dtype)
-        curves = [Curve.from_values("random init", adaptation_values(rand, self, **common))]
-        if pretrained is not None:
-            curves.append(Curve.from_values("pretrained",
-                                            adaptation_values(pretrained, self, **common)))
-        hlines: dict[str, float] = {}
-        gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
-        tasks = []
-        for start in range(0, n_tasks, chunk):  # the same task stream as adaptation_values
-            b = self.sample_batch(min(chunk, n_tasks - start), gen, split="test", device=device,
-                                  dtype=dtype)
-            tasks += b.tasks
-        oracle = self.oracle_returns(tasks, device, dtype)
-        if oracle is not None:
-            hlines["oracle"] = float(oracle.double().mean())
-        return curves, hlines
-
-
-def parse_task_json(family: RLFamily, text: str) -> Task:
-    """``--task`` text -> a checked task spec (ConfigError with the fix on bad input)."""
-    try:
-        spec = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--task is not valid JSON ({e.msg}): give e.g. "
-                          "'{\"goal\": [0.3, -0.2]}'") from None
-    try:
-        return family.check_task(spec)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(f"bad task for family {family.name!r}: {e}") from None
-
-
-def adapt_steps(family: RLFamily, theta: Params, task: Task, *, steps: int,
-                lr: tuple[float, ...], rollouts: int | None, seed: int, device: torch.device,
-                dtype: torch.dtype) -> tuple[Params, list[float]]:
-    """Adapt to one task: returns the adapted parameters (no task dim) and the average
-    return of the trajectories sampled before each step and after the last."""
-    from metarl import params as P
-    from metarl.evaluate import score_while_adapting
-
-    batch = family.batch_for([task], seed, device=device, dtype=dtype, rollouts=rollouts)
-    phi, vals = score_while_adapting(batch, P.expand(P.to(theta, device, dtype), 1), steps,
-                                     InnerConfig(steps=steps, lr=lr))
-    return {k: v[0].detach() for k, v in phi.items()}, [float(v[0]) for v in vals]
+    def make_outer(self, cfg: TrainConfig, theta: Params) -> TRPO:
+        """TRPO for ``metarl train --outer trpo``, with the run's ``cfg.trpo`` settings."""
+        readapt = make_readapt(cfg.algo, cfg.inner, cfg.imaml.lam)
+        return TRPO(cfg.trpo, readapt, through_adaptation=cfg.algo == "maml", inner=cfg.inner)

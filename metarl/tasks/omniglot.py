@@ -6,12 +6,16 @@ import inspect
 import os
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from metarl.families import Defaults
+from metarl.algorithms.imaml import IMAMLConfig
+from metarl.config import Defaults, EvalDefaults, InnerOverride, OuterConfig, TrainConfig
+from metarl.families import FamilyBase
+from metarl.inner import InnerConfig
+from metarl.options import require
 from metarl.tasks.supervised import Examples, SupervisedBatch, accuracy, cross_entropy
 from metarl.types import ConfigError, Params
 
@@ -43,7 +47,7 @@ class OmniglotBatch(SupervisedBatch):
                              self.query.select(idx), transductive=self.transductive)
 
 
-class OmniglotFamily:
+class OmniglotFamily(FamilyBase):
     """Omniglot N-way K-shot: T tasks of N characters, K support + Q query drawings each.
 
     Data: the official release (``images_background.zip``, ``images_evaluation.zip``
@@ -75,17 +79,18 @@ class OmniglotFamily:
     eval_chunk = 100
 
     def __init__(self, data: str | Sequence[str] | None = None, ways: int = 5, shots: int = 1,
-                 query: int = 15, split: str = "character", split_seed: int = 0,
-                 transductive: bool = True, eval_data: str | Sequence[str] | None = None,
-                 cache_dir: str | None = None, filters: int = 64, downsample: str = "stride",
-                 impl: str = "auto") -> None:
+                 query: int = 15, split: Literal["character", "alphabet"] = "character",
+                 split_seed: int = 0, transductive: bool = True,
+                 eval_data: str | Sequence[str] | None = None, cache_dir: str | None = None,
+                 filters: int = 64, downsample: Literal["stride", "maxpool"] = "stride",
+                 impl: Literal["auto", "grouped", "loop", "vmap"] = "auto") -> None:
         from metarl.models.conv import ConvNet
 
-        if int(ways) < 2 or int(shots) < 1 or int(query) < 1:
-            raise ConfigError(f"omniglot needs ways >= 2, shots >= 1, query >= 1, got {ways}, "
-                              f"{shots}, {query}")
-        if split not in ("character", "alphabet"):
-            raise ConfigError(f"unknown split {split!r}: use character or alphabet")
+        for what, v, lo in (("ways", ways, 2), ("shots", shots, 1), ("query", query, 1),
+                            ("filters", filters, 1)):
+            require(int(v) >= lo, self.name, what, v, f">= {lo}")
+        require(split in ("character", "alphabet"), self.name, "split", split,
+                "character or alphabet")
         self.data = _paths(data) or _paths(os.environ.get(DATA_ENV))
         self.eval_data = _paths(eval_data)
         self.ways, self.shots, self.query = int(ways), int(shots), int(query)
@@ -99,12 +104,14 @@ class OmniglotFamily:
     @property
     def defaults(self) -> Defaults:
         five = self.ways <= 5
-        return Defaults(algo="maml", iterations=60_000, meta_batch=32 if five else 16,
-                        inner_steps=1 if five else 5, inner_lr=0.4 if five else 0.1,
-                        outer_lr=1e-3, eval_steps=3 if five else 5, eval_tasks=600, log_every=100,
-                        checkpoint_every=1000, imaml_lam=2.0, imaml_cg_iters=5,
-                        extra={"imaml_inner_steps": 16 if five else 25, "imaml_inner_lr": 0.1,
-                               "reptile_inner_steps": 5 if five else 10, "reptile_inner_lr": 0.1})
+        return Defaults(
+            train=TrainConfig(algo="maml", iterations=60_000, meta_batch=32 if five else 16,
+                              inner=InnerConfig(steps=1 if five else 5, lr=0.4 if five else 0.1),
+                              outer=OuterConfig(lr=1e-3), imaml=IMAMLConfig(lam=2.0, cg_iters=5),
+                              log_every=100, checkpoint_every=1000),
+            per_algo={"imaml": InnerOverride(steps=16 if five else 25, lr=0.1),
+                      "reptile": InnerOverride(steps=5 if five else 10, lr=0.1)},
+            eval=EvalDefaults(steps=3 if five else 5, tasks=600))
 
     def options(self) -> dict[str, Any]:
         return {"data": self.data, "ways": self.ways, "shots": self.shots, "query": self.query,

@@ -57,6 +57,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from metarl.types import DataError
+
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
@@ -76,10 +78,6 @@ _WHERE = ("get images_background.zip and images_evaluation.zip from the folder p
 _LAYOUT = ("expected images_*.zip files, or their unzipped folders, laid out as "
            "<top>/<Alphabet>/character<NN>/<imageid>_<drawer>.png")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
-
-
-class DataError(ValueError):
-    """Missing, corrupt or misarranged Omniglot files; the message names the file."""
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from metarl.families import Defaults
+from metarl.algorithms.imaml import IMAMLConfig
+from metarl.config import Defaults, EvalDefaults, InnerOverride, OuterConfig, TrainConfig
+from metarl.families import FamilyBase
+from metarl.inner import InnerConfig
 from metarl.models.mlp import MLP
+from metarl.options import require
 from metarl.tasks.supervised import Examples, SupervisedBatch, mse
 from metarl.types import ConfigError, Params
 
 
-class SinusoidFamily:
+class SinusoidFamily(FamilyBase):
     """``y = A sin(x + p)`` with ``A ~ U[0.1, 5]``, ``p ~ U[0, pi]``, ``x ~ U[-5, 5]``.
 
     Each task draws K support and Q query points; the model is a 1-40-40-1 ReLU
@@ -41,23 +45,28 @@ class SinusoidFamily:
     amplitude = (0.1, 5.0)
     phase = (0.0, math.pi)
     x_range = (-5.0, 5.0)
-    defaults = Defaults(algo="maml", iterations=70_000, meta_batch=25, inner_steps=1,
-                        inner_lr=0.01, outer_lr=1e-3, eval_steps=10, eval_tasks=600,
-                        log_every=500, checkpoint_every=5000, imaml_lam=10.0, imaml_cg_iters=5,
-                        extra={"imaml_inner_steps": 10, "reptile_inner_steps": 5})
+    defaults = Defaults(
+        train=TrainConfig(algo="maml", iterations=70_000, meta_batch=25,
+                          inner=InnerConfig(steps=1, lr=0.01), outer=OuterConfig(lr=1e-3),
+                          imaml=IMAMLConfig(lam=10.0, cg_iters=5), log_every=500,
+                          checkpoint_every=5000),
+        per_algo={"imaml": InnerOverride(steps=10), "reptile": InnerOverride(steps=5)},
+        eval=EvalDefaults(steps=10, tasks=600))
     """The paper's MAML settings. The papers give none for iMAML or Reptile on
     sinusoid: iMAML solves its proximal problem (lambda 10) with 10 steps, Reptile
     takes 5 (with k = 1 Reptile is joint training)."""
 
     def __init__(self, shots: int = 10, query: int = 10, eval_query: int = 100,
-                 hidden: Sequence[int] = (40, 40), activation: str = "relu") -> None:
+                 hidden: Sequence[int] = (40, 40),
+                 activation: Literal["relu", "tanh"] = "relu") -> None:
         for what, v in (("shots", shots), ("query", query), ("eval_query", eval_query)):
-            if int(v) < 1:
-                raise ConfigError(f"sinusoid {what} must be >= 1, got {v}")
+            require(int(v) >= 1, self.name, what, v, ">= 1")
         self.shots, self.query, self.eval_query = int(shots), int(query), int(eval_query)
         self.hidden = tuple(int(h) for h in hidden)
-        if activation not in ("relu", "tanh"):
-            raise ConfigError(f"sinusoid activation must be relu or tanh, got {activation!r}")
+        require(all(h >= 1 for h in self.hidden), self.name, "hidden", hidden,
+                "a list of layer sizes >= 1 (e.g. [40, 40]; [] is a linear model)")
+        require(activation in ("relu", "tanh"), self.name, "activation", activation,
+                "relu or tanh")
         self.activation = activation
         self.model = MLP(1, 1, self.hidden, activation)
 

@@ -27,6 +27,15 @@ def one_line_error(result, *fragments):
         assert f in lines[0], lines[0]
 
 
+def parser_error(result, *fragments):
+    """A closed choice rejected by the parser: usage error 2, the choices named."""
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "Traceback" not in text
+    for f in fragments:
+        assert f in text, text
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "sin"
@@ -38,7 +47,7 @@ def trained(tmp_path_factory):
 
 def test_train_writes_run_folder(trained):
     cfg = json.loads((trained / "config.json").read_text())
-    assert cfg["iterations"] == 30 and cfg["inner_lr"] == 0.01 and cfg["meta_batch"] == 25
+    assert cfg["iterations"] == 30 and cfg["inner"]["lr"] == 0.01 and cfg["meta_batch"] == 25
     assert cfg["family_options"]["hidden"] == [16, 16]
     rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [10, 20, 30]
@@ -74,16 +83,16 @@ def test_evaluate_ci_matches_formula(trained):
 
 def test_config_file_and_flag_precedence(tmp_path):
     cfg_file = tmp_path / "c.toml"
-    cfg_file.write_text('family = "sinusoid"\nalgo = "fomaml"\niterations = 4\ninner_lr = 0.05\nmeta_batch = 3\n'
-                        '[family_options]\nhidden = [4]\nshots = 7\n')
+    cfg_file.write_text('family = "sinusoid"\nalgo = "fomaml"\niterations = 4\nmeta_batch = 3\n'
+                        '[inner]\nlr = 0.05\n[family_options]\nhidden = [4]\nshots = 7\n')
     out = tmp_path / "run"
     r = run("train", "--config", cfg_file, "--iterations", 2, "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["algo"] == "fomaml"          # from the file
     assert cfg["iterations"] == 2           # the flag wins over the file
-    assert cfg["inner_lr"] == 0.05 and cfg["meta_batch"] == 3
-    assert cfg["outer_lr"] == 1e-3          # the family's default
+    assert cfg["inner"]["lr"] == 0.05 and cfg["meta_batch"] == 3
+    assert cfg["outer"]["lr"] == 1e-3       # the family's default
     assert cfg["family_options"]["hidden"] == [4] and cfg["family_options"]["shots"] == 7
     # the defaults are recorded too: a later change of a default leaves the run as trained
     assert cfg["family_options"] == families.make("sinusoid", hidden=[4], shots=7).options()
@@ -144,7 +153,7 @@ def test_resume_continues(tmp_path):
     assert run(*args).exit_code == 0
     r = run(*args[:2], 8, *args[3:], "--resume")
     assert r.exit_code == 0, r.output
-    assert checkpoint.load(out)["iteration"] == 8
+    assert checkpoint.load(out).iteration == 8
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in rows] == [5, 8]
     # the run's own settings are the base: --out, --resume and --iterations are enough
@@ -152,7 +161,7 @@ def test_resume_continues(tmp_path):
     assert r.exit_code == 0, r.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["family"] == "sinusoid" and cfg["family_options"]["hidden"] == [4]
-    assert checkpoint.load(out)["iteration"] == 10
+    assert checkpoint.load(out).iteration == 10
     one_line_error(run("train", "--out", out, "--resume", "--iterations", 12, "--family",
                        "navigation2d"), "trains family 'sinusoid'", "drop --family")
     one_line_error(run("train", "--out", out, "--resume", "--iterations", 12, "--family-opt",
@@ -168,9 +177,9 @@ def test_keep_checkpoints_keeps_each_periodic_checkpoint(tmp_path):
     assert run(*args, "--keep-checkpoints").exit_code == 0
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert kept == ["iteration-000002.pt", "iteration-000004.pt", "iteration-000006.pt"]
-    assert checkpoint.load(out / "checkpoints" / kept[0])["iteration"] == 2
-    assert torch.equal(checkpoint.load(out / "checkpoints" / kept[-1])["theta"]["l0.w"],
-                       checkpoint.load(out)["theta"]["l0.w"])
+    assert checkpoint.load(out / "checkpoints" / kept[0]).iteration == 2
+    assert torch.equal(checkpoint.load(out / "checkpoints" / kept[-1]).theta["l0.w"],
+                       checkpoint.load(out).theta["l0.w"])
     assert run("evaluate", out / "checkpoints" / kept[1], "--tasks", 3).exit_code == 0
     assert run(*args, "--overwrite").exit_code == 0  # a new run does not inherit old snapshots
     assert not list((out / "checkpoints").iterdir())
@@ -198,15 +207,13 @@ def test_sigterm_checkpoints_the_last_finished_iteration(tmp_path):
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     state = checkpoint.load(out)  # written on SIGTERM, although no checkpoint was due
-    assert 1 <= state["iteration"] < 1000000
+    assert 1 <= state.iteration < 1000000
 
 
 @pytest.mark.parametrize("args, fragments", [
     (["train", "--family", "sinusiod"], ["unknown family 'sinusiod'", "did you mean 'sinusoid'"]),
-    (["train", "--family", "sinusoid", "--algo", "mamal", "--iterations", 1], ["unknown algorithm 'mamal'", "maml, fomaml"]),
     (["train", "--family", "sinusoid", "--outer", "trpo", "--iterations", 1], ["trpo", "adam or sgd"]),
     (["train", "--device", "cuda", "--iterations", 1], ["CUDA is not available"]),
-    (["train", "--dtype", "float16", "--iterations", 1], ["unknown dtype 'float16'"]),
     (["train", "--inner-lr", "-1", "--iterations", 1], ["inner lr must be positive"]),
     (["train", "--family-opt", "oops"], ["is not KEY=VALUE"]),
     (["train", "--threads", "0"], ["--threads must be >= 1"]),
@@ -219,10 +226,27 @@ def test_bad_input_gives_one_line_and_exit_2(args, fragments, tmp_path):
     one_line_error(run(*args, *(["--out", tmp_path / "o"] if args[0] == "train" else [])), *fragments)
 
 
+@pytest.mark.parametrize("option, value, choices", [
+    ("--algo", "mamal", "'maml', 'fomaml', 'reptile', 'imaml'"),
+    ("--outer", "adamw", "'adam', 'sgd', 'trpo'"),
+    ("--estimator", "ppo", "'reinforce', 'lvc', 'dice'"),
+    ("--device", "tpu", "'auto', 'cpu', 'cuda'"),
+    ("--dtype", "float16", "'float32', 'float64'"),
+    ("--split", "random", "'character', 'alphabet'"),
+])
+def test_closed_choices_are_rejected_by_the_parser(option, value, choices, tmp_path):
+    parser_error(run("train", option, value, "--out", tmp_path / "o"), f"'{value}' is not one of",
+                 choices)
+    assert not (tmp_path / "o").exists()
+    r = run("train", "--help")
+    assert choices.replace("'", "").replace(", ", "|") in r.output.replace(" ", "")
+
+
 def test_bad_config_and_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("itrations = 3\n")
-    one_line_error(run("train", "--config", bad), "unknown keys ['itrations']")
+    one_line_error(run("train", "--config", bad), "unknown setting 'itrations'",
+                   "did you mean 'iterations'?")
     bad.write_text("iterations = [\n")
     one_line_error(run("train", "--config", bad), "not valid TOML")
     ck = tmp_path / "checkpoint.pt"
@@ -235,7 +259,7 @@ def test_families_list_and_show():
     assert r.exit_code == 0 and "sinusoid" in r.output
     r = run("families", "show", "sinusoid")
     assert r.exit_code == 0
-    assert "A ~ U[0.1, 5.0]" in r.output and "inner_lr = 0.01" in r.output
+    assert "A ~ U[0.1, 5.0]" in r.output and "inner.lr = 0.01" in r.output
     r = run("families", "show", "navigation2d")  # docstrings printed as plain text
     assert r.exit_code == 0 and "Task: goal ~ U[-0.5, 0.5]^2" in r.output.splitlines()[3]
     assert "``" not in r.output and ":class:" not in r.output
@@ -261,13 +285,13 @@ def test_imaml_takes_the_familys_own_inner_loop():
 
     fam = families.make("omniglot", data="unused")
     cfg = C.resolve(fam, {"algo": "imaml"})
-    assert (cfg.inner_steps, cfg.inner_lr, cfg.imaml_lam) == (16, 0.1, 2.0)
-    cfg = C.resolve(fam, {"algo": "imaml", "inner_steps": 3})
-    assert (cfg.inner_steps, cfg.inner_lr) == (3, 0.1)
+    assert (cfg.inner.steps, cfg.inner.lr, cfg.imaml.lam) == (16, 0.1, 2.0)
+    cfg = C.resolve(fam, {"algo": "imaml", "inner": {"steps": 3}})
+    assert (cfg.inner.steps, cfg.inner.lr) == (3, 0.1)
     cfg = C.resolve(fam, {"algo": "maml"})
-    assert (cfg.inner_steps, cfg.inner_lr, cfg.meta_batch) == (1, 0.4, 32)
+    assert (cfg.inner.steps, cfg.inner.lr, cfg.meta_batch) == (1, 0.4, 32)
     nav = families.make("navigation2d")  # RL: Reptile and iMAML need k > 1, MAML keeps the paper's 1
-    assert [C.resolve(nav, {"algo": a}).inner_steps for a in ("maml", "reptile", "imaml")] == [1, 3, 3]
+    assert [C.resolve(nav, {"algo": a}).inner.steps for a in ("maml", "reptile", "imaml")] == [1, 3, 3]
 
 
 def test_plot_overlays_evaluations(trained, tmp_path):

@@ -180,10 +180,13 @@ def test_rl_train_adapt_evaluate_cli(tmp_path):
     r = runner.invoke(app, ["adapt", str(run), "--task", '{"goal": [0.3, -0.2]}', "--steps", "2",
                             "--out", str(out)])
     assert r.exit_code == 0, r.output
-    state = torch.load(out, weights_only=True)
-    assert state["adapted"]["task"] == {"goal": [0.3, -0.2]} and len(state["adapted"]["returns"]) == 3
-    r = runner.invoke(app, ["adapt", str(out), "--task", '{"goal": [0.3, -0.2]}', "--steps", "1"])
-    assert r.exit_code == 0, r.output  # an adapted policy adapts further
+    adapted = checkpoint.load(out).adapted
+    assert len(adapted) == 1 and adapted[0].task == {"goal": [0.3, -0.2]}
+    assert len(adapted[0].returns) == 3 and adapted[0].source == str(run)
+    r = runner.invoke(app, ["adapt", str(out), "--task", '{"goal": [0.3, -0.2]}', "--steps", "1",
+                            "--out", str(tmp_path / "again.pt")])
+    assert r.exit_code == 0, r.output  # an adapted policy adapts further, keeping its history
+    assert [a.steps for a in checkpoint.load(tmp_path / "again.pt").adapted] == [2, 1]
     r = runner.invoke(app, ["adapt", str(run), "--task", '{"goal": [0.3]}'])
     assert r.exit_code == 2 and "error: bad task for family 'navigation2d'" in r.output
     r = runner.invoke(app, ["adapt", str(run), "--task", "{goal"])
@@ -207,7 +210,7 @@ def test_rl_train_adapt_evaluate_cli(tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(js.read_text())["settings"]["family_options"]["rollouts"] == 3
     r = runner.invoke(app, ["evaluate", str(run), "--family-opt", "hidden=[4]"])
-    assert r.exit_code == 2 and "changes the model of this run" in r.output
+    assert r.exit_code == 2 and "hidden=[4] change the model of this run" in r.output
 
 
 def test_oracle_is_optimal_greedy_path():
@@ -298,4 +301,4 @@ def test_environment_failure_mid_training_keeps_the_last_iteration(tmp_path, mon
     errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "worker 0 died" in errors[0] and str(run) in errors[0]
     assert "Traceback" not in r.output
-    assert checkpoint.load(run)["iteration"] == 2
+    assert checkpoint.load(run).iteration == 2
