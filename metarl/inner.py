@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from metarl import params as P
@@ -118,8 +119,6 @@ def _prox(phi: Params, anchor: Params, lam: float) -> Tensor:
 def _monotone_step(batch: TaskBatch, phi: Params, g: Params, data: Data, before: Tensor,
                    alpha: float, prox: tuple[float, Params]) -> Params:
     """``phi - a_t g_t`` with per-task ``a_t <= alpha`` halved until the proximal objective decreases."""
-    import torch
-
     lam, anchor = prox
     a = torch.full_like(before, alpha)  # [T]
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -42,6 +42,27 @@ def grads(loss: Tensor, params: Params, *, create_graph: bool = False,
     return {k: (torch.zeros_like(params[k]) if g is None else g) for k, g in zip(keys, gs)}
 
 
+def grad_and_hvp(loss_fn: Callable[[Params], Tensor],
+                 phi: Params) -> tuple[Params, Callable[[Params], Params]]:
+    """Per-task gradient and Hessian-vector products of ``loss_fn`` at ``phi``, from one graph.
+
+    ``loss_fn`` maps a stack ``[T, ...]`` to per-task losses ``[T]``. Tasks are
+    independent, so the Hessian of the summed losses is block diagonal: one
+    backward pass of ``g . u`` gives every task's ``H_t u_t``.
+
+    Returns:
+        ``(g, H)``: the detached gradients ``g [T, ...]`` and ``H: u -> [H_t u_t]_t``
+        (``u`` and the result ``[T, ...]``), callable any number of times.
+    """
+    phi = detach(phi, requires_grad=True)
+    g = grads(loss_fn(phi).sum(), phi, create_graph=True)  # [T, ...]
+
+    def H(u: Params) -> Params:
+        return grads(task_dot(g, u).sum(), phi, retain_graph=True)
+
+    return detach(g), H
+
+
 def add(a: Params, b: Params, alpha: float | Tensor = 1.0) -> Params:
     """``a + alpha * b``; a tensor ``alpha`` of shape ``[T]`` scales each task."""
     if isinstance(alpha, Tensor) and alpha.dim() == 1:
@@ -67,6 +88,11 @@ def per_task(s: Tensor, like: Tensor) -> Tensor:
 def task_dot(a: Params, b: Params) -> Tensor:
     """Per-task inner product of two stacks: ``[T]``."""
     return sum((a[k] * b[k]).flatten(1).sum(1) for k in a)  # type: ignore[return-value]
+
+
+def dot(a: Params, b: Params) -> Tensor:
+    """Inner product over every element of every leaf (no task dimension): a 0-dim tensor."""
+    return sum((a[k] * b[k]).sum() for k in a)  # type: ignore[return-value]
 
 
 def task_mean(a: Params) -> Params:
@@ -100,10 +126,6 @@ def unflatten(vec: Tensor, like: Params) -> Params:
 
 def map_params(fn: Callable[[Tensor], Tensor], params: Params) -> Params:
     return {k: fn(v) for k, v in params.items()}
-
-
-def stack(trees: Sequence[Params]) -> Params:
-    return {k: torch.stack([t[k] for t in trees]) for k in trees[0]}
 
 
 def to(params: Params, device: torch.device | str | None = None,

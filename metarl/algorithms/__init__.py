@@ -13,12 +13,6 @@ from metarl.types import ConfigError, Params, TaskBatch
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 
 
-def check_algo(name: str) -> str:
-    if name not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {name!r}: use one of {', '.join(ALGORITHMS)}")
-    return name
-
-
 def meta_grad(algo: str, theta: Params, batch: TaskBatch, inner: InnerConfig,
               imaml_cfg: IMAMLConfig | None = None, *, chunk: int | None = None) -> MetaGrad:
     """The meta-gradient of ``algo`` ("maml", "fomaml", "reptile", "imaml") for one meta-batch.
@@ -72,4 +66,4 @@ def loop_meta_grad(algo: str, theta: Params, batch: TaskBatch, inner: InnerConfi
     return meta_grad(algo, theta, batch, inner, imaml_cfg, chunk=1)
 
 
-__all__ = ["ALGORITHMS", "IMAMLConfig", "MetaGrad", "check_algo", "loop_meta_grad", "meta_grad"]
+__all__ = ["ALGORITHMS", "IMAMLConfig", "MetaGrad", "loop_meta_grad", "meta_grad"]

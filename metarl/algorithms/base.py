@@ -1,4 +1,4 @@
-"""What every meta-gradient returns, and the per-task loop reference."""
+"""What every meta-gradient returns: :class:`MetaGrad`."""
 
 from __future__ import annotations
 

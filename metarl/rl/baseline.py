@@ -47,9 +47,6 @@ class LinearFeatureBaseline:
         self.obs_clip = obs_clip
         self.time_scale = time_scale
 
-    def n_features(self, obs_dim: int) -> int:
-        return 2 * obs_dim + 4
-
     def features(self, obs: Tensor) -> Tensor:
         """``obs [T, E, H, obs]`` -> features ``[T, E, H, 2 * obs + 4]``."""
         if obs.dim() != 4:

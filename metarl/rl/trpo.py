@@ -8,7 +8,8 @@ trajectories:
    order through the inner steps for MAML).
 2. s = CG solution of F s = -g, with F v = d/dtheta (d KL/dtheta . v) + damping v
    taken through the adaptation for MAML (for first-order algorithms, at the
-   adapted parameters, d phi/d theta := I).
+   adapted parameters, d phi/d theta := I). Should CG meet non-positive
+   curvature it stops there, and ``trpo/cg_indefinite`` reports it.
 3. full step sqrt(2 max_kl / s^T F s) s, then a backtracking line search: each
    candidate theta' is re-adapted from the *stored* inner trajectories (no
    resampling) and accepted when the surrogate improves and the KL is within
@@ -28,6 +29,7 @@ from torch import Tensor
 from metarl import params as P
 from metarl.algorithms.base import MetaGrad
 from metarl.inner import InnerConfig, adapt
+from metarl.linalg import cg
 from metarl.outer import Compute
 from metarl.types import ConfigError, Data, Params, TaskBatch, check_finite
 
@@ -72,24 +74,6 @@ def make_readapt(algo: str, inner: InnerConfig, lam: float | None = None) -> Rea
     return readapt
 
 
-def conjugate_gradient(A: Callable[[Tensor], Tensor], b: Tensor, iters: int) -> Tensor:
-    """Solve ``A x = b`` for one symmetric positive definite operator (flat vectors)."""
-    x = torch.zeros_like(b)
-    r, p = b.clone(), b.clone()
-    rs = r @ r
-    for _ in range(iters):
-        if rs <= 1e-20:
-            break
-        Ap = A(p)
-        alpha = rs / (p @ Ap)
-        x = x + alpha * p
-        r = r - alpha * Ap
-        rs_new = r @ r
-        p = r + (rs_new / rs) * p
-        rs = rs_new
-    return x
-
-
 class TRPO:
     """TRPO outer optimizer for RL task batches (they must provide ``kl(old, new, data)``).
 
@@ -126,12 +110,10 @@ class TRPO:
         T = batch.n_tasks
         inner_hvps: list[tuple[float, Callable[[Params], Params]]] = []
         if self.through:
-            from metarl.algorithms.imaml import grad_and_hvp
-
             phi = P.expand(P.detach(theta), T)
             steps = self.readapt_steps
             for j, d in enumerate(mg.inner_data):
-                g, H = grad_and_hvp(lambda p, d=d: batch.inner_loss(p, d), phi)
+                g, H = P.grad_and_hvp(lambda p, d=d: batch.inner_loss(p, d), phi)
                 alpha = steps.lr_at(j)
                 inner_hvps.append((alpha, H))
                 phi = P.add(phi, g, -alpha)  # phi_{j+1}, from the same graph
@@ -171,9 +153,12 @@ class TRPO:
         if mg.phi is None or mg.outer_data is None or mg.outer_loss is None:
             raise ConfigError("TRPO needs the adapted parameters and post-adaptation trajectories")
         check_finite(mg.grad, "the meta-gradient")
-        g = P.flatten(mg.grad).detach()
-        F = self.fisher_vector_product(theta, batch, mg)
-        s = conjugate_gradient(F, -g, cfg.cg_iters)  # F s = -g
+        F = self.fisher_vector_product(theta, batch, mg)  # flat v -> (F + damping I) v
+        like = P.detach(theta)
+        s_tree, indefinite = cg(lambda u: P.unflatten(F(P.flatten(u)), like),
+                                P.scale(P.detach(mg.grad), -1.0), cfg.cg_iters,
+                                per_task=False)  # F s = -g, one system over all of theta
+        s = P.flatten(s_tree)
         sFs = float(s @ F(s))
         theta0 = P.flatten(P.detach(theta))
         L0 = float(mg.outer_loss.mean())
@@ -198,7 +183,8 @@ class TRPO:
         mg.extra.update({"trpo/kl": kl_new if accepted else 0.0,
                          "trpo/improvement": (L0 - L_new) if accepted else 0.0,
                          "trpo/step_frac": frac if accepted else 0.0,
-                         "trpo/accepted": float(accepted)})
+                         "trpo/accepted": float(accepted),
+                         "trpo/cg_indefinite": float(indefinite)})
         return mg
 
     def state_dict(self) -> dict[str, Any]:

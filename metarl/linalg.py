@@ -1,0 +1,92 @@
+"""Linear solves on parameter trees: conjugate gradient for iMAML and TRPO.
+
+Both solve ``A x = b`` with ``A`` known only through products ``u -> A u``
+(Hessian- or Fisher-vector products), never formed. iMAML solves one system
+per task, ``((1 + damping) I + H_t / lam) g_t = v_t``, on stacks ``[T, ...]``;
+TRPO solves one system on the whole parameter vector, ``(F + damping I) s = -g``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from metarl import params as P
+from metarl.types import Params
+
+
+def cg(A: Callable[[Params], Params], b: Params, iters: int, *, per_task: bool,
+       rtol: float | None = None) -> tuple[Params, Tensor]:
+    """Conjugate gradient for ``A x = b``, ``A`` symmetric positive definite.
+
+    From ``x_0 = 0``, ``r_0 = p_0 = b``, each iteration takes one product ``A p_i``:
+
+        alpha_i = r_i.r_i / p_i.A p_i
+        x_{i+1} = x_i + alpha_i p_i
+        r_{i+1} = r_i - alpha_i A p_i          (the residual b - A x_{i+1})
+        beta_i  = r_{i+1}.r_{i+1} / r_i.r_i
+        p_{i+1} = r_{i+1} + beta_i p_i
+
+    A system stops (its alpha and beta become 0, so x stays) once
+    ``|r_i| <= rtol |b|``: with the default ``rtol`` that is round-off, and
+    ``b = 0`` returns ``x = 0``. A system that meets a direction of non-positive
+    curvature, ``p_i.A p_i <= 0`` (``A`` is not positive definite), stops
+    before that direction, keeping ``x_i``, and is flagged (the truncated CG of
+    Steihaug). No step ever divides by zero. The loop ends early once every
+    system has stopped, so ``A`` is called at most ``iters`` times.
+
+    Args:
+        A: the operator ``u -> A u`` on trees shaped like ``b``. With
+            ``per_task`` it must be block diagonal over tasks (task t's output
+            depends only on task t's input), as per-task Hessians are.
+        b: the right-hand side. With ``per_task`` every leaf is ``[T, *shape]``.
+        iters: the most iterations (products with ``A``); 0 returns ``x = 0``.
+        per_task: ``True``: T independent systems, one per task (inner products
+            ``.`` over each task's slice, alpha and beta ``[T]``: iMAML).
+            ``False``: one system over all leaves together, no task dimension
+            (inner products over the whole tree, alpha and beta scalars: TRPO).
+        rtol: stop a system once its residual norm is at most ``rtol`` times
+            ``|b|``; ``None`` is the machine epsilon of ``b``'s dtype.
+
+    Returns:
+        ``(x, indefinite)``: the solution, shaped like ``b``, and a bool tensor,
+        ``[T]`` with ``per_task`` and 0-dim otherwise, true for the systems that
+        met non-positive curvature (their ``x`` is the last iterate before it).
+
+    Raises:
+        ValueError: ``iters`` or ``rtol`` negative.
+
+    References: Hestenes and Stiefel 1952; Nocedal and Wright 2006, algorithms
+    5.2 (CG) and 7.2 (CG stopped at negative curvature, Steihaug 1983).
+    """
+    if iters < 0:
+        raise ValueError(f"CG iterations must be >= 0, got {iters}")
+    if rtol is not None and rtol < 0:
+        raise ValueError(f"CG rtol must be >= 0 (or None for round-off), got {rtol}")
+    dot = P.task_dot if per_task else P.dot  # [T] or []
+    x = P.zeros_like(b)
+    r = b  # residual b - A x with x = 0
+    p = r
+    rs = dot(r, r)  # [T] or []
+    tol = torch.finfo(rs.dtype).eps if rtol is None else rtol
+    floor = rs * tol**2  # |r|^2 <= floor: the system has converged
+    indefinite = torch.zeros_like(rs, dtype=torch.bool)
+    for _ in range(iters):
+        if not bool(((rs > floor) & ~indefinite).any()):
+            break  # every system stopped: no further product can change x
+        Ap = A(p)
+        pAp = dot(p, Ap)
+        indefinite |= (rs > floor) & (pAp <= 0)
+        active = (rs > floor) & ~indefinite
+        alpha = torch.where(active, rs / torch.where(active, pAp, torch.ones_like(pAp)),
+                            torch.zeros_like(rs))
+        x = P.add(x, p, alpha)
+        r = P.add(r, Ap, -alpha)
+        rs_new = dot(r, r)
+        beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)),
+                           torch.zeros_like(rs))
+        p = P.add(r, p, beta)
+        rs = torch.where(active, rs_new, rs)
+    return x, indefinite
