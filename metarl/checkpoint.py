@@ -75,15 +75,17 @@ class Run:
     """A checkpoint: meta-parameters, how they were trained, and where training stands.
 
     ``theta`` is on the CPU, without a task dimension. ``optimizer`` and ``task_rng``
-    are None in checkpoints that do not continue training (an adapted policy).
+    are None in checkpoints that do not continue training (an adapted policy). Two
+    runs compare equal when their configuration, iteration and history are (tensors
+    are not compared).
     """
 
-    theta: Params
+    theta: Params = field(compare=False)
     config: TrainConfig
     iteration: int
-    optimizer: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = field(default=None, compare=False)
     """The outer optimizer's ``state_dict``."""
-    task_rng: Tensor | None = None
+    task_rng: Tensor | None = field(default=None, compare=False)
     """State of the generator of training tasks (resume draws the tasks it would have)."""
     adapted: tuple[Adapted, ...] = ()
     """``metarl adapt`` steps that produced this policy, oldest first."""

@@ -124,10 +124,6 @@ def unflatten(vec: Tensor, like: Params) -> Params:
     return out
 
 
-def map_params(fn: Callable[[Tensor], Tensor], params: Params) -> Params:
-    return {k: fn(v) for k, v in params.items()}
-
-
 def to(params: Params, device: torch.device | str | None = None,
        dtype: torch.dtype | None = None) -> Params:
     return {k: v.to(device=device, dtype=dtype) for k, v in params.items()}

@@ -8,7 +8,7 @@ from metarl.algorithms import imaml, maml, reptile
 from metarl.algorithms.base import MetaGrad
 from metarl.algorithms.imaml import IMAMLConfig
 from metarl.inner import InnerConfig
-from metarl.types import ConfigError, Params, TaskBatch
+from metarl.types import ConfigError, Params, SupportsSelect, TaskBatch
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
 
@@ -27,11 +27,10 @@ def meta_grad(algo: str, theta: Params, batch: TaskBatch, inner: InnerConfig,
     if chunk is not None and chunk < 1:
         raise ConfigError(f"task chunk must be at least 1, got {chunk}")
     if chunk is not None and chunk < T:
-        select = getattr(batch, "select", None)
-        if select is None:
+        if not isinstance(batch, SupportsSelect):
             raise ConfigError(f"{type(batch).__name__} cannot be split into task chunks: "
                               "drop --task-chunk for this family")
-        parts = [(meta_grad(algo, theta, select(slice(s, s + chunk)), inner, imaml_cfg),
+        parts = [(meta_grad(algo, theta, batch.select(slice(s, s + chunk)), inner, imaml_cfg),
                   min(chunk, T - s)) for s in range(0, T, chunk)]
         return _merge(parts, T)
     if algo == "maml":

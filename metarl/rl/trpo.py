@@ -31,7 +31,7 @@ from metarl.algorithms.base import MetaGrad
 from metarl.inner import InnerConfig, adapt
 from metarl.linalg import cg
 from metarl.outer import Compute
-from metarl.types import ConfigError, Data, Params, TaskBatch, check_finite
+from metarl.types import ConfigError, Data, Params, RLTaskBatch, TaskBatch, check_finite
 
 Readapt = Callable[[Params, TaskBatch, list[Data], bool], Params]
 """``(theta, batch, inner_data, create_graph) -> phi``: the algorithm's inner loop on stored data."""
@@ -56,11 +56,6 @@ class TRPOConfig:
                               f"got {self.max_kl}, {self.cg_iters}, {self.damping}, {self.ls_steps}")
         if not 0 < self.ls_backtrack < 1:
             raise ConfigError(f"TRPO ls_backtrack must be in (0, 1), got {self.ls_backtrack}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TRPOConfig:
-        keys = {"max_kl", "cg_iters", "damping", "ls_steps", "ls_backtrack"}
-        return cls(**{k: d[k] for k in keys if k in d})
 
 
 def make_readapt(algo: str, inner: InnerConfig, lam: float | None = None) -> Readapt:
@@ -92,7 +87,8 @@ class TRPO:
         self.cfg, self.readapt, self.through = cfg, readapt, through_adaptation
         self.readapt_steps = inner or InnerConfig()
 
-    def fisher_vector_product(self, theta: Params, batch: Any, mg: MetaGrad) -> Callable[[Tensor], Tensor]:
+    def fisher_vector_product(self, theta: Params, batch: RLTaskBatch,
+                              mg: MetaGrad) -> Callable[[Tensor], Tensor]:
         """``v -> (F + damping I) v`` with F the Hessian of the mean KL at theta.
 
         At theta the new adapted policy equals the old one, so the KL's gradient
@@ -134,7 +130,7 @@ class TRPO:
 
         return F
 
-    def direct_fisher_vector_product(self, theta: Params, batch: Any,
+    def direct_fisher_vector_product(self, theta: Params, batch: RLTaskBatch,
                                      mg: MetaGrad) -> Callable[[Tensor], Tensor]:
         """Reference: the Hessian of the mean KL differentiated through the re-adaptation."""
         th = P.detach(theta, requires_grad=True)
@@ -148,6 +144,9 @@ class TRPO:
         return F
 
     def step(self, theta: Params, batch: TaskBatch, compute: Compute) -> MetaGrad:
+        if not isinstance(batch, RLTaskBatch):
+            raise ConfigError(f"TRPO steps RL task batches (with kl); got {type(batch).__name__}: "
+                              "train this family with --outer adam or sgd")
         cfg = self.cfg
         mg = compute(theta, batch)
         if mg.phi is None or mg.outer_data is None or mg.outer_loss is None:
@@ -171,7 +170,7 @@ class TRPO:
                 phi = P.detach(self.readapt(cand, batch, mg.inner_data, False))
                 with torch.no_grad():
                     L_new = float(batch.outer_loss(phi, mg.outer_data).mean())
-                    kl_new = float(batch.kl(mg.phi, phi, mg.outer_data).mean())  # type: ignore[attr-defined]
+                    kl_new = float(batch.kl(mg.phi, phi, mg.outer_data).mean())
                 if L_new < L0 and kl_new <= cfg.max_kl:
                     accepted = True
                     break

@@ -71,13 +71,13 @@ def test_losses_reuse_data_without_resampling():
 def test_trpo_step_respects_kl_bound_and_improves():
     fam, theta, g = nav(hidden=[16, 16])
     cfg = C.resolve(fam, {"iterations": 1, "meta_batch": 4, "device": "cpu",
-                          "family_options": fam.options(), "extra": {"max_kl": 0.005}})
+                          "family_options": fam.options(), "trpo": {"max_kl": 0.005}})
     theta = P.clone_leaf(theta)
     trpo = fam.make_outer(cfg, theta)
     batch = fam.sample_batch(4, g)
     before = P.flatten(P.detach(theta)).clone()
     mg = trpo.step(theta, batch, lambda th, b: meta_grad("maml", th, b, cfg.inner))
-    assert mg.extra["trpo/accepted"] == 1.0
+    assert mg.extra["trpo/accepted"] == 1.0 and mg.extra["trpo/cg_indefinite"] == 0.0
     # recompute the KL of the new adapted policies on the post-adaptation trajectories
     phi_new = trpo.readapt(P.detach(theta), batch, mg.inner_data, False)
     kl = float(batch.kl(mg.phi, phi_new, mg.outer_data).mean())
@@ -110,7 +110,7 @@ def test_estimators_share_value_and_gradient_but_not_curvature():
         d = b.inner_data(th)
         loss = b.inner_loss(th, d)
         grad = P.grads(loss.sum(), th, create_graph=True)
-        v = P.map_params(torch.ones_like, th)
+        v = {k: torch.ones_like(t) for k, t in th.items()}
         hv = P.grads(P.task_dot(grad, v).sum(), th)
         out[est] = (P.flatten_tasks(P.detach(grad)), P.flatten_tasks(hv))
     # the same first derivative (the policy gradient)...

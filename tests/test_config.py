@@ -1,0 +1,123 @@
+"""The typed configuration: layering, checks of every key and value, legacy layouts."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from metarl import config as C
+from metarl import families
+from metarl.cli.main import app
+from metarl.cli.settings import settings
+from metarl.config import Defaults, EvalDefaults, InnerOverride, TrainConfig
+from metarl.inner import InnerConfig
+from metarl.types import ConfigError
+
+runner = CliRunner()
+
+
+def toml(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def train_error(*args):
+    r = runner.invoke(app, ["train", *map(str, args)])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    return lines[0]
+
+
+def test_misspelt_extra_key_is_refused_with_the_close_name(tmp_path):
+    # this used to train with max_kl = 0.01 silently
+    line = train_error("--config", toml(tmp_path, "[extra]\nmaxkl = 0.5\n"), "--out", tmp_path / "o")
+    assert "unknown setting 'maxkl'" in line and "did you mean 'max_kl'?" in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("[inner]\nstep = 3\n", ["unknown setting 'inner.step'", "did you mean 'inner.steps'?"]),
+    ("[trpo]\nmax_kll = 0.1\n", ["'trpo.max_kll'", "did you mean 'trpo.max_kl'?"]),
+    ("iterations = 'ten'\n", ["iterations", "'ten' is not an integer"]),
+    ("keep_checkpoints = 1\n", ["keep_checkpoints", "is not true or false"]),
+    ("algo = 'mamal'\n", ["'mamal' is not one of maml, fomaml, reptile, imaml", "did you mean 'maml'?"]),
+    ("inner = 3\n", ["inner in config file", "is a table of settings"]),
+    ("[outer]\nlr = -1.0\n", ["outer-lr must be > 0"]),
+])
+def test_config_file_keys_and_values_are_checked(tmp_path, text, fragments):
+    line = train_error("--family", "sinusoid", "--config", toml(tmp_path, text), "--out",
+                       tmp_path / "o")
+    for f in fragments:
+        assert f in line, line
+
+
+def test_nested_tables_and_the_legacy_flat_layout_both_set_settings(tmp_path):
+    nav = families.make("navigation2d")
+    nested = C.read_config_file(toml(tmp_path, "[trpo]\nmax_kl = 0.5\n[inner]\nlr = 0.2\n"))
+    legacy = C.read_config_file(toml(tmp_path, "inner_lr = 0.2\nouter = 'trpo'\n[extra]\nmax_kl = 0.5\n"))
+    for layer in (nested, legacy):
+        cfg = C.resolve(nav, layer)
+        assert (cfg.trpo.max_kl, cfg.inner.lr, cfg.outer.optimizer) == (0.5, 0.2, "trpo")
+        assert cfg.trpo.cg_iters == nav.defaults.train.trpo.cg_iters  # untouched: the family's
+
+
+def test_max_kl_from_a_file_reaches_the_trained_run(tmp_path):
+    out = tmp_path / "nav"
+    r = runner.invoke(app, ["train", "--config", str(toml(tmp_path, "[trpo]\nmax_kl = 0.5\n")),
+                            "--iterations", "1", "--meta-batch", "2", "--rollouts", "2",
+                            "--horizon", "5", "--family-opt", "hidden=[4]", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["trpo"]["max_kl"] == 0.5
+
+
+def test_precedence_defaults_then_file_then_flags_and_per_algorithm_inner_loops(tmp_path):
+    sin = families.make("sinusoid")
+    file = {"algo": "imaml", "iterations": 7}
+    assert C.resolve(sin, file).inner.steps == 10           # iMAML's own inner loop on sinusoid
+    assert C.resolve(sin, file, {"inner": {"steps": 2}}).inner.steps == 2  # a flag wins
+    assert C.resolve(sin, file, {"iterations": None}).iterations == 7      # None is not given
+    assert C.resolve(sin, {"algo": "reptile"}).inner == InnerConfig(steps=5, lr=0.01)
+    with pytest.raises(ConfigError, match="unknown setting 'inner_step'"):
+        C.resolve(sin, {"inner_step": 3})
+
+
+def test_family_defaults_are_a_typed_config():
+    d = Defaults(train=TrainConfig(iterations=9, inner=InnerConfig(steps=2, lr=0.3)),
+                 per_algo={"imaml": InnerOverride(steps=8)}, eval=EvalDefaults(tasks=5))
+    assert d.for_algo("imaml") == InnerConfig(steps=8, lr=0.3)
+    assert d.for_algo("maml") == InnerConfig(steps=2, lr=0.3)
+    changed = d.with_(train={"meta_batch": 40}, pretrain_iterations=3)
+    assert (changed.train.meta_batch, changed.train.iterations) == (40, 9)
+    assert (changed.eval.pretrain_iterations, changed.eval.tasks) == (3, 5)
+    with pytest.raises(ConfigError, match="unknown algorithms \\['mamal'\\]"):
+        Defaults(per_algo={"mamal": InnerOverride(steps=1)})
+    with pytest.raises(ConfigError, match="unknown setting 'meta_bach'.*did you mean 'meta_batch'"):
+        d.with_(train={"meta_bach": 4})
+
+
+def test_config_round_trips_through_json():
+    cfg = TrainConfig(algo="imaml", inner=InnerConfig(steps=3, lr=(0.1, 0.05)), task_chunk=4)
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and isinstance(again.inner.lr, tuple)
+
+
+def test_every_setting_has_a_flag_with_its_docstring_as_help():
+    r = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    text = " ".join(r.output.replace("│", " ").split())
+    for s in settings():
+        assert s.doc, f"{'.'.join(s.path)} has no docstring"
+        assert f"--{s.flag}" in text
+        assert " ".join(s.doc.split()[:4]) in text, s.doc
+    # one flag per leaf setting, no two alike
+    flags = [s.flag for s in settings()]
+    assert len(flags) == len(set(flags))
+    assert {"inner-steps", "lam", "max-kl", "trpo-cg-iters", "outer"} <= set(flags)
+
+
+def test_an_unwritable_run_folder_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    line = train_error("--family", "sinusoid", "--iterations", 1, "--out", blocker / "run")
+    assert "cannot write the run folder" in line and "choose another --out" in line
