@@ -121,3 +121,15 @@ def test_an_unwritable_run_folder_is_one_line(tmp_path):
     blocker.write_text("not a folder")
     line = train_error("--family", "sinusoid", "--iterations", 1, "--out", blocker / "run")
     assert "cannot write the run folder" in line and "choose another --out" in line
+
+
+def test_the_readme_config_example_reads(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[inner]" in b]
+    assert blocks, "the README shows a config file"
+    text = "\n".join(line.strip() for line in blocks[0].splitlines())
+    cfg = C.resolve(families.make("navigation2d"), C.read_config_file(toml(tmp_path, text)))
+    assert (cfg.iterations, cfg.inner.lr, cfg.trpo.max_kl) == (500, 0.1, 0.01)
