@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import signal
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -11,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from metarl.cli.common import (THREADS_HELP, UserError, err, is_tty, parse_options, set_threads,
                                user_errors)
-from metarl.cli.settings import choice, with_settings
+from metarl.cli.settings import with_settings
 from metarl import checkpoint
 from metarl import config as C
 from metarl import families
@@ -21,8 +22,21 @@ from metarl.train import train as run_training
 from metarl.types import DivergedError, RunError
 
 TASK, RUN, OUTPUT = "Task", "Run", "Output"
-Split = choice("Split", ("character", "alphabet"))
-Estimator = choice("Estimator", ("reinforce", "lvc", "dice"))
+
+
+class Split(str, enum.Enum):
+    """Class split of a classification family."""
+
+    character = "character"
+    alphabet = "alphabet"
+
+
+class Estimator(str, enum.Enum):
+    """RL inner-loss estimator (see metarl.rl.batch)."""
+
+    reinforce = "reinforce"
+    lvc = "lvc"
+    dice = "dice"
 
 
 def _terminate(signum: int, frame: object) -> None:

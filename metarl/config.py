@@ -190,8 +190,9 @@ class Defaults:
         ov = self.per_algo.get(algo)
         if ov is None:
             return self.train.inner
-        changes = {k: v for k, v in (("steps", ov.steps), ("lr", ov.lr)) if v is not None}
-        return dataclasses.replace(self.train.inner, **changes)
+        base = self.train.inner
+        return InnerConfig(steps=base.steps if ov.steps is None else ov.steps,
+                           lr=base.lr if ov.lr is None else ov.lr)
 
 
 # --- field docs, types and checking ---------------------------------------------

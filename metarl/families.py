@@ -53,9 +53,13 @@ class Family(Protocol):
     metric: str
     """Name of the evaluation metric: "mse", "accuracy", "return"."""
     higher_is_better: bool
-    defaults: Defaults
     eval_chunk: int
     """Test tasks adapted as one batch by ``metarl evaluate`` (bounds its memory)."""
+
+    @property
+    def defaults(self) -> Defaults:
+        """The family's default settings (a class attribute or a property)."""
+        ...
 
     def describe(self) -> str:
         """The task distribution, model and protocol, several lines (``families show``)."""
@@ -94,15 +98,16 @@ class SupportsTRPO(Protocol):
 
 class FamilyBase:
     """The optional parts of :class:`Family` for a supervised family: subclasses set
-    ``name``, ``description``, ``metric``, ``higher_is_better`` and ``defaults`` and
+    ``name``, ``description``, ``metric``, ``higher_is_better`` and ``defaults`` (a
+    :class:`~metarl.config.Defaults`, as a class attribute or a property) and
     implement ``options``, ``init_params`` and ``sample_batch``."""
 
     kind: FamilyKind = "supervised"
     eval_chunk = 600
-    defaults = Defaults()
+    description = ""
 
     def describe(self) -> str:
-        return inspect.cleandoc(type(self).__doc__ or getattr(self, "description", ""))
+        return inspect.cleandoc(type(self).__doc__ or self.description)
 
     def prepare(self) -> None:
         """Nothing to prepare."""

@@ -239,6 +239,8 @@ def return_metrics(batch: TaskBatch, mg: MetaGrad) -> dict[str, float]:
     if not isinstance(batch, RLTaskBatch):
         return {}
     m: dict[str, float] = {}
+    if mg.phi is None:
+        return m
     with torch.no_grad():
         if mg.outer_data is not None:
             m["return/post"] = float(batch.metric(mg.phi, mg.outer_data).mean())
