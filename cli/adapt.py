@@ -14,6 +14,7 @@ from metarl import checkpoint
 from metarl.checkpoint import Adapted
 from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, UserError, err, out, parse_options,
                                set_threads, user_errors)
+from metarl.cli.settings import DEVICE_HELP, Device
 from metarl.evaluate import adapt_to_task
 from metarl.rl.family import RLFamily
 from metarl.types import resolve_device, resolve_dtype
@@ -26,7 +27,7 @@ def adapt(
     rollouts: Annotated[Optional[int], typer.Option(min=1, help="Trajectories per step. \\[default: the family's]")] = None,
     lr: Annotated[Optional[list[float]], typer.Option(help="Inner learning rate; repeat for one per step (--lr 0.1 --lr 0.05). \\[default: the family's test-time rates]")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sampled trajectories.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[Device, typer.Option(help=DEVICE_HELP)] = Device.auto,
     family_opt: Annotated[Optional[list[str]], typer.Option(help=FAMILY_OPT_HELP)] = None,
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP)] = None,
     out_path: Annotated[Optional[Path], typer.Option("--out", help="Save the adapted policy here (a checkpoint that metarl adapt/evaluate load again).")] = None,
@@ -46,7 +47,7 @@ def adapt(
         inner_lr = run_.config.inner.lr
         rates = tuple(lr) if lr else (family.defaults.eval.lr or (
             inner_lr if isinstance(inner_lr, tuple) else (inner_lr,)))
-        dev, dtype = resolve_device(device), resolve_dtype(run_.config.dtype)
+        dev, dtype = resolve_device(device.value), resolve_dtype(run_.config.dtype)
         phi, returns = adapt_to_task(family, run_.theta, spec, steps=steps, lr=rates,
                                      rollouts=rollouts, seed=seed, device=dev, dtype=dtype)
         table = Table(title=f"{family.name}: adapting to {spec}")

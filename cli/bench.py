@@ -14,16 +14,18 @@ from rich.progress import Progress
 from rich.table import Table
 
 from metarl.cli.common import UserError, err, is_tty, out, user_errors
-from metarl.bench import SECTIONS, run_in_subprocess
+from metarl.cli.settings import DEVICE_HELP, Device
+from metarl.bench import SECTIONS, Scale, run_in_subprocess
 from metarl.checkpoint import atomic_write
 from metarl.types import resolve_device
 
 
 def bench(
     section: Annotated[Optional[list[str]], typer.Option(help="Sections to run (repeatable). \\[default: all]")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "cpu",
+    device: Annotated[Device, typer.Option(help=DEVICE_HELP)] = Device.cpu,
     threads: Annotated[int, typer.Option(min=1, help="Torch CPU threads per case.")] = 1,
-    quick: Annotated[bool, typer.Option(help="Fewer cases and repeats (a smoke run).")] = False,
+    quick: Annotated[bool, typer.Option(help="Fewer cases and repeats (a shorter run).")] = False,
+    tiny: Annotated[bool, typer.Option(help="One toy-sized case per section (two for rl), one timed repeat: checks in seconds that every section runs; its numbers mean nothing. Overrides --quick.")] = False,
     data: Annotated[Optional[Path], typer.Option(help="Omniglot data for the omniglot section. \\[default: $METARL_OMNIGLOT; the section is skipped without data]")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write all rows as JSON here.")] = None,
 ) -> None:
@@ -31,18 +33,21 @@ def bench(
 
     Each case runs in its own process. The sinusoid section compares the batched
     engine with a per-task loop for every algorithm at meta-batch 25 and
-    k = 1, 5, 10, 20, 40. Example: metarl bench --json bench.json
+    k = 1, 5, 10, 20, 40. Exit code 1 when a case failed (its row holds the error).
+    Example: metarl bench --json bench.json
     """
     with user_errors():
         names = section or list(SECTIONS)
         unknown = [s for s in names if s not in SECTIONS]
         if unknown:
             raise UserError(f"unknown bench section(s) {unknown}: choose from {', '.join(SECTIONS)}")
-        dev = str(resolve_device(device))
+        scale: Scale = "tiny" if tiny else "quick" if quick else "full"
+        dev = str(resolve_device(device.value))
         torch.set_num_threads(threads)
         results: dict[str, object] = {"machine": {"device": dev, "threads": threads,
                                                   "torch": torch.__version__,
                                                   "cpu": platform.processor() or platform.machine()}}
+        failed: list[tuple[str, dict]] = []
         for name in names:
             make_cases, _ = SECTIONS[name]
             if name == "omniglot":
@@ -51,9 +56,9 @@ def bench(
                     err.print("bench omniglot: skipped (no data: pass --data or set "
                               "METARL_OMNIGLOT)", markup=False)
                     continue
-                cases = list(make_cases(dev, quick, source))
+                cases = list(make_cases(dev, scale, source))
             else:
-                cases = list(make_cases(dev, quick))
+                cases = list(make_cases(dev, scale))
             rows = []
             with Progress(console=err, disable=not is_tty()) as bar:
                 task = bar.add_task(f"bench {name}", total=len(cases))
@@ -61,6 +66,7 @@ def bench(
                     rows.append(run_in_subprocess(case))
                     bar.advance(task)
             results[name] = rows
+            failed += [(name, r) for r in rows if "error" in r]
             paired = all(r.get("impl") in ("batched", "loop") or str(r.get("impl")).startswith("chunked")
                          for r in rows)
             out.print(_table(name, rows) if paired else _plain_table(name, rows))
@@ -68,6 +74,10 @@ def bench(
             text = json.dumps(results, indent=2) + "\n"
             atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
             err.print(f"wrote {json_path}", markup=False)
+        for name, r in failed:
+            err.print(f"bench {name}: {r['algo']} {r['impl']} failed: {r['error']}", markup=False)
+        if failed:
+            raise typer.Exit(code=1)
 
 
 def _plain_table(name: str, rows: list[dict]) -> Table:

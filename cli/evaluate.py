@@ -14,6 +14,7 @@ from metarl import checkpoint
 from metarl.checkpoint import atomic_write
 from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, err, out, parse_options, set_threads,
                                user_errors)
+from metarl.cli.settings import DEVICE_HELP, Device
 from metarl.evaluate import evaluate_checkpoint
 from metarl.plots import adaptation_curves
 
@@ -29,7 +30,7 @@ def evaluate(
     rollouts: Annotated[Optional[int], typer.Option(min=1, help="RL: trajectories per task for each adaptation step and score (the published navigation protocol used 20-40). \\[default: the run's]")] = None,
     family_opt: Annotated[Optional[list[str]], typer.Option(help=FAMILY_OPT_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Test seed; test tasks never come from the training stream.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[Device, typer.Option(help=DEVICE_HELP)] = Device.auto,
     baselines: Annotated[bool, typer.Option(help="Also evaluate the family's baselines (RL: random init, pretrained, oracle).")] = True,
     proximal: Annotated[bool, typer.Option(help="iMAML models adapt on their proximal objective L + lam/2 |phi - theta|^2, as in training; --no-proximal uses plain gradient steps.")] = True,
     pretrained: Annotated[Optional[Path], typer.Option(help="RL: the pretrained baseline's run or checkpoint. \\[default: RUN/pretrained, trained on first use]")] = None,
@@ -54,7 +55,7 @@ def evaluate(
         run_ = checkpoint.load(run).with_family_options(options)
         overrides = {k: v for k, v in (("shots", shots), ("query", query)) if v is not None}
         ev = evaluate_checkpoint(run_, n_tasks=tasks, steps=steps, lr=tuple(lr) if lr else None,
-                                 seed=seed, device=device, baselines=baselines,
+                                 seed=seed, device=device.value, baselines=baselines,
                                  pretrained=pretrained, pretrain_iterations=pretrain_iterations,
                                  proximal=proximal, notify=lambda m: err.print(m, markup=False),
                                  **overrides)

@@ -108,6 +108,17 @@ def choice(name: str, values: tuple[Any, ...]) -> type[enum.Enum]:
     return enum.Enum(name, {str(v): str(v) for v in values}, type=str)  # type: ignore[return-value]
 
 
+class Device(str, enum.Enum):
+    """Where tensors live: auto (CUDA when present), cpu or cuda."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+DEVICE_HELP = "auto (CUDA when present), cpu or cuda."
+
+
 def nested(values: dict[str, Any]) -> dict[str, Any]:
     """``{"inner__steps": 3, "algo": None}`` -> ``{"inner": {"steps": 3}}`` (None dropped)."""
     out: dict[str, Any] = {}
