@@ -47,13 +47,14 @@ def meta_grad(algo: str, theta: Params, batch: TaskBatch, inner: InnerConfig,
 def _merge(parts: list[tuple[MetaGrad, int]], T: int) -> MetaGrad:
     """Task-weighted mean of chunk meta-gradients; per-task values concatenated."""
     first = parts[0][0]
-    grad = {k: sum(mg.grad[k] * (n / T) for mg, n in parts) for k in first.grad}
+    grad = {k: torch.stack([mg.grad[k] * (n / T) for mg, n in parts]).sum(0) for k in first.grad}
     inner_losses = [torch.cat([mg.inner_losses[j] for mg, _ in parts])
                     for j in range(len(first.inner_losses))]
-    outer_loss = (torch.cat([mg.outer_loss for mg, _ in parts])
-                  if first.outer_loss is not None else None)
-    phi = ({k: torch.cat([mg.phi[k] for mg, _ in parts]) for k in first.phi}
-           if first.phi is not None else None)
+    outers = [mg.outer_loss for mg, _ in parts]
+    outer_loss = torch.cat([o for o in outers if o is not None]) if None not in outers else None
+    phis = [mg.phi for mg, _ in parts]
+    phi = ({k: torch.cat([p[k] for p in phis if p is not None]) for k in phis[0]}
+           if phis[0] is not None and None not in phis else None)
     extra = {k: sum(mg.extra[k] * n for mg, n in parts) / T for k in first.extra}
     return MetaGrad(grad=grad, inner_losses=inner_losses, outer_loss=outer_loss, phi=phi,
                     extra=extra)

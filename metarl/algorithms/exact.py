@@ -9,6 +9,7 @@ then pass them here.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,10 @@ class Recorder:
         return self.batch.metric(params, data)
 
 
+def _inner_loss(batch: TaskBatch, data: Data, params: Params) -> Tensor:
+    return batch.inner_loss(params, data)
+
+
 def hessians(loss_fn: Callable[[Params], Tensor], phi: Params) -> Tensor:
     """Per-task Hessians ``[T, P, P]`` of ``loss_fn`` (returning ``[T]``) at ``phi`` ``[T, ...]``.
 
@@ -108,7 +113,7 @@ def maml(theta: Params, batch: TaskBatch, inner: InnerConfig, inner_data: list[D
     J = torch.eye(n, dtype=next(iter(theta.values())).dtype).expand(T, n, n)  # [T, P, P]
     for j in range(inner.steps):
         d = inner_data[j]
-        H = hessians(lambda p, d=d: batch.inner_loss(p, d), phi)  # [T, P, P]
+        H = hessians(functools.partial(_inner_loss, batch, d), phi)  # [T, P, P]
         J = (torch.eye(n, dtype=H.dtype) - inner.lr_at(j) * H) @ J
         phi = adapt(phi, batch, InnerConfig(steps=1, lr=inner.lr_at(j)), create_graph=False,
                     data=[d]).phi
