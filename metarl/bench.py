@@ -4,9 +4,16 @@ Every case runs in a fresh Python process (``python -m metarl.bench CASE_JSON``)
 Peak memory is the peak of live tensor bytes during one iteration
 (:mod:`metarl.memory`), measured in an iteration of its own; time is the median
 of several other iterations after warm-up (on CUDA each one synchronised).
-Sections: ``sinusoid`` (the four algorithms at meta-batch 25, k = 1..40,
-batched engine versus a per-task loop). Other families add their own sections
-through :data:`SECTIONS`.
+Sections (:data:`SECTIONS`): ``sinusoid`` (the four algorithms at meta-batch
+25, k = 1..40, batched engine versus a per-task loop), ``rl`` (navigation2d
+sampler throughput and MAML-TRPO iterations), ``omniglot`` (5-way 1-shot conv-4,
+batched, chunked and looped), ``locomotion`` (halfcheetah-vel sampler against
+bare ``mj_step``).
+
+Each section's case list comes at a :data:`Scale`: ``"full"`` (the README's
+numbers), ``"quick"`` (fewer cases and repeats) or ``"tiny"`` (one case per section,
+two for rl, at toy sizes with one timed repeat: it checks that every section runs,
+in seconds, and measures nothing worth reading).
 """
 
 from __future__ import annotations
@@ -19,11 +26,25 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
+from metarl import config as C
+from metarl import families
+from metarl import params as P
+from metarl.algorithms import IMAMLConfig, meta_grad
+from metarl.inner import InnerConfig
+from metarl.memory import peak_memory
+from metarl.outer import GradientOuter
+from metarl.rl.family import RLFamily
+from metarl.rl.sampler import GymBatchEnv, sample
+
 Row = dict[str, Any]
+Scale = Literal["full", "quick", "tiny"]
+"""How many cases, of what size: the README's ("full"), a shorter run ("quick"), or a
+smoke run of toy cases ("tiny")."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +58,16 @@ class Case:
     repeats: int = 10
     warmup: int = 3
     options: dict[str, Any] | None = None
+    """Section-specific settings (data, chunk, workers; sizes of the tiny scale)."""
+
+
+def _rl_family(name: str, **options: Any) -> RLFamily:
+    """An RL family: the sampler cases need its policy, tasks and environments."""
+    fam = families.make(name, **options)
+    if not isinstance(fam, RLFamily):
+        raise TypeError(f"bench needs an RL family for {name!r}, got {type(fam).__name__}: "
+                        "subclass metarl.rl.family.RLFamily")
+    return fam
 
 
 def _timeit(step: Callable[[], None], case: Case) -> float:
@@ -56,12 +87,6 @@ def _timeit(step: Callable[[], None], case: Case) -> float:
 
 def _supervised_step(family_name: str, case: Case, family_options: dict[str, Any],
                      inner_lr: float, imaml_lam: float, imaml_cg: int) -> Callable[[], None]:
-    from metarl import families
-    from metarl import params as P
-    from metarl.algorithms import IMAMLConfig, meta_grad
-    from metarl.inner import InnerConfig
-    from metarl.outer import GradientOuter
-
     dev = torch.device(case.device)
     fam = families.make(family_name, **family_options)
     g = torch.Generator().manual_seed(0)
@@ -80,9 +105,8 @@ def _supervised_step(family_name: str, case: Case, family_options: dict[str, Any
 
 
 def run_sinusoid(case: Case) -> Row:
-    from metarl.memory import peak_memory
-
-    step = _supervised_step("sinusoid", case, {}, inner_lr=0.01, imaml_lam=10.0, imaml_cg=5)
+    step = _supervised_step("sinusoid", case, dict(case.options or {}), inner_lr=0.01,
+                            imaml_lam=10.0, imaml_cg=5)
     step()  # load kernels before measuring memory
     with peak_memory(case.device) as peak:
         step()
@@ -91,7 +115,12 @@ def run_sinusoid(case: Case) -> Row:
             "peak_mb": peak.mb}
 
 
-def sinusoid_cases(device: str, quick: bool) -> Iterator[Case]:
+def sinusoid_cases(device: str, scale: Scale) -> Iterator[Case]:
+    if scale == "tiny":  # batched MAML k = 1 on 2 tasks, a 2 x 8 MLP
+        yield Case(section="sinusoid", algo="maml", k=1, impl="batched", device=device,
+                   meta_batch=2, repeats=1, warmup=0, options={"hidden": [8, 8]})
+        return
+    quick = scale == "quick"
     ks = (1, 5) if quick else (1, 5, 10, 20, 40)
     for algo in ("maml", "fomaml", "reptile", "imaml"):
         for k in ks:
@@ -102,21 +131,16 @@ def sinusoid_cases(device: str, quick: bool) -> Iterator[Case]:
 
 def run_rl(case: Case) -> Row:
     """Navigation sampler throughput, or seconds per meta-iteration of an RL algorithm."""
-    from metarl import config as C
-    from metarl import families
-    from metarl import params as P
-    from metarl.algorithms import meta_grad
-    from metarl.memory import peak_memory
-
     dev = torch.device(case.device)
-    T, E, H = case.meta_batch, 20, 100
-    fam = families.make("navigation2d", rollouts=E, horizon=H)
+    opts = case.options or {}
+    T, E, H = case.meta_batch, int(opts.get("rollouts", 20)), int(opts.get("horizon", 100))
+    fam = _rl_family("navigation2d", rollouts=E, horizon=H)
     policy = fam.policy()
     g = torch.Generator().manual_seed(0)
     theta = fam.init_params(g, dev, torch.float32)
     row: Row = {"algo": case.algo, "impl": case.impl, "T": T, "E": E, "H": H}
     if case.algo == "sampler":
-        tasks = fam.sample_tasks(T, __import__("numpy").random.default_rng(0))
+        tasks = fam.sample_tasks(T, np.random.default_rng(0))
         if case.impl == "one-by-one":
             env = fam.make_env(tasks[0])
             th1 = P.expand(theta, 1)
@@ -136,8 +160,6 @@ def run_rl(case: Case) -> Row:
 
             steps = n_tasks * E * H
         else:
-            from metarl.rl.sampler import GymBatchEnv, sample
-
             benv = fam.batch_env(dev, torch.float32) if case.impl == "tensor" else GymBatchEnv(
                 fam.make_env, device=dev, task_option=True)
             th = P.expand(theta, T)
@@ -149,8 +171,9 @@ def run_rl(case: Case) -> Row:
         sec = _timeit(step, case)
         row.update(sec_per_iter=sec, env_steps_per_sec=steps / sec)
         return row
-    cfg = C.resolve(fam, {"algo": case.algo, "inner_steps": case.k, "meta_batch": T,
-                          "device": case.device, "family_options": fam.options()})
+    cfg = C.resolve(fam, {"algo": case.algo, "inner": {"steps": case.k}, "meta_batch": T,
+                          "device": case.device, "family_options": fam.options(),
+                          "trpo": opts.get("trpo", {})})
     theta = P.clone_leaf(theta)
     outer = fam.make_outer(cfg, theta)
 
@@ -165,7 +188,15 @@ def run_rl(case: Case) -> Row:
     return row
 
 
-def rl_cases(device: str, quick: bool) -> Iterator[Case]:
+def rl_cases(device: str, scale: Scale) -> Iterator[Case]:
+    if scale == "tiny":  # T = 2 tasks x E = 2 episodes x H = 5 steps: the sampler, and
+        # MAML-TRPO with 2 CG iterations and 2 line-search steps
+        tiny = {"rollouts": 2, "horizon": 5, "trpo": {"cg_iters": 2, "ls_steps": 2}}
+        for algo, impl in (("sampler", "tensor"), ("maml", "batched")):
+            yield Case(section="rl", algo=algo, k=0 if algo == "sampler" else 1, impl=impl,
+                       device=device, meta_batch=2, repeats=1, warmup=0, options=tiny)
+        return
+    quick = scale == "quick"
     r = dict(repeats=2 if quick else 5, warmup=1)
     for impl in ("tensor", "gym-batched", "one-by-one"):
         yield Case(section="rl", algo="sampler", k=0, impl=impl, device=device, meta_batch=20,
@@ -177,13 +208,12 @@ def rl_cases(device: str, quick: bool) -> Iterator[Case]:
 
 def run_omniglot(case: Case) -> Row:
     """5-way 1-shot, 15 query per class, meta-batch 32: MAML (k = 1, 5) and iMAML."""
-    from metarl.memory import peak_memory
-
     opts = dict(case.options or {})
     lam = 2.0
     inner_lr = 0.4 if case.algo in ("maml", "fomaml") else 0.1
-    step = _supervised_step("omniglot", case, {"data": opts.get("data"), "ways": 5, "shots": 1,
-                                               "query": 15}, inner_lr=inner_lr, imaml_lam=lam,
+    fam_opts = {"data": opts.get("data"), "ways": 5, "shots": 1,
+                "query": int(opts.get("query", 15)), "filters": int(opts.get("filters", 64))}
+    step = _supervised_step("omniglot", case, fam_opts, inner_lr=inner_lr, imaml_lam=lam,
                             imaml_cg=5)
     step()
     with peak_memory(case.device) as peak:
@@ -197,8 +227,14 @@ OMNIGLOT_CHUNK = 4
 """Tasks per chunk in the Omniglot section's memory-bounded rows (``--task-chunk``)."""
 
 
-def omniglot_cases(device: str, quick: bool, data: str | None = None) -> Iterator[Case]:
+def omniglot_cases(device: str, scale: Scale, data: str | None = None) -> Iterator[Case]:
     data = data or os.environ.get("METARL_OMNIGLOT")
+    if scale == "tiny":  # MAML k = 1 on 2 tasks one at a time, 1 query per class, 8 filters
+        yield Case(section="omniglot", algo="maml", k=1, impl="chunked", device=device,
+                   meta_batch=2, repeats=1, warmup=0,
+                   options={"data": data, "chunk": 1, "query": 1, "filters": 8})
+        return
+    quick = scale == "quick"
     plan = [("maml", 1), ("maml", 5), ("imaml", 5)] if not quick else [("maml", 1)]
     for algo, k in plan:
         for impl in ("batched", "chunked", "loop"):
@@ -212,16 +248,15 @@ def run_locomotion(case: Case) -> Row:
     step), against the raw ``mujoco.mj_step`` rate of the same T x E environments (controls
     set, ``frame_skip`` steps per env step, nothing else). Sampler and raw runs alternate;
     each is the median of ``repeats`` after warm-up. overhead = sampler / raw - 1."""
-    import numpy as np
-
-    from metarl import families
-    from metarl import params as P
-    from metarl.rl.sampler import sample
+    # imported here, not at the top: MuJoCo is the optional [mujoco] extra, and the other
+    # sections (and their worker processes) must run without it
+    import mujoco
 
     dev = torch.device(case.device)
-    T, E, H = case.meta_batch, 20, 100
-    workers = int((case.options or {}).get("workers", 0))
-    fam = families.make("halfcheetah-vel", rollouts=E, horizon=H, workers=workers)
+    opts = case.options or {}
+    T, E, H = case.meta_batch, int(opts.get("rollouts", 20)), int(opts.get("horizon", 100))
+    workers = int(opts.get("workers", 0))
+    fam = _rl_family("halfcheetah-vel", rollouts=E, horizon=H, workers=workers)
     tasks = fam.sample_tasks(T, np.random.default_rng(0))
     theta_T = P.expand(fam.init_params(torch.Generator().manual_seed(0), dev, torch.float32), T)
     env = fam.batch_env(dev, torch.float32)
@@ -233,7 +268,7 @@ def run_locomotion(case: Case) -> Row:
     models, datas = [s.model for s in sims], [s.data for s in sims]
     ctrls, frame_skip = [d.ctrl for d in datas], sims[0].frame_skip
     acts = np.random.default_rng(0).uniform(-1, 1, (H, T * E, ctrls[0].shape[0]))  # [H, n, act]
-    mj_step = __import__("mujoco").mj_step
+    mj_step = mujoco.mj_step
 
     def sampler_run() -> float:
         t0 = time.perf_counter()
@@ -267,9 +302,15 @@ def run_locomotion(case: Case) -> Row:
             "raw_mj_step_per_sec": steps / raw, "overhead": sec / raw - 1.0}
 
 
-def locomotion_cases(device: str, quick: bool) -> Iterator[Case]:
+def locomotion_cases(device: str, scale: Scale) -> Iterator[Case]:
     """halfcheetah-vel sampling, T = 40 (8 with ``quick``), E = 20, H = 100: in-process and
-    with 2 worker processes."""
+    with 2 worker processes (``tiny``: in-process only, T = 1, E = 2, H = 5)."""
+    if scale == "tiny":
+        yield Case(section="locomotion", algo="sampler", k=0, impl="in-process", device=device,
+                   meta_batch=1, repeats=1, warmup=0,
+                   options={"workers": 0, "rollouts": 2, "horizon": 5})
+        return
+    quick = scale == "quick"
     for workers in (0, 2):
         yield Case(section="locomotion", algo="sampler", k=0,
                    impl="in-process" if workers == 0 else f"{workers} workers", device=device,
@@ -277,12 +318,13 @@ def locomotion_cases(device: str, quick: bool) -> Iterator[Case]:
                    options={"workers": workers})
 
 
-SECTIONS: dict[str, tuple[Callable[[str, bool], Iterator[Case]], Callable[[Case], Row]]] = {
+SECTIONS: dict[str, tuple[Callable[..., Iterator[Case]], Callable[[Case], Row]]] = {
     "sinusoid": (sinusoid_cases, run_sinusoid),
     "rl": (rl_cases, run_rl),
     "omniglot": (omniglot_cases, run_omniglot),
     "locomotion": (locomotion_cases, run_locomotion),
 }
+"""name -> (cases(device, scale[, data]), run(case) -> row)."""
 
 
 def run_in_subprocess(case: Case, timeout: float = 900) -> Row:
