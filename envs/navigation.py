@@ -268,9 +268,10 @@ class Navigation2DTensorEnv:
         """
         if isinstance(goals, Tensor):
             g = goals.to(device=self.device, dtype=self.dtype)
-        else:  # float32 first, as the Gymnasium env stores its goal
-            g = torch.as_tensor(np.asarray(goals, dtype=np.float32), device=self.device,
-                                dtype=self.dtype)
+        else:  # rounded to float32 first, as the Gymnasium env stores its goal (widening
+            # to float64 is exact, so no float32 tensor is made for a float64 env)
+            g = torch.as_tensor(np.asarray(goals, dtype=np.float32).astype(np.float64)).to(
+                device=self.device, dtype=self.dtype)
         if g.dim() != 2 or g.shape[1] != 2:
             raise ValueError(f"goals have shape {tuple(g.shape)}, expected [T, 2]: "
                              "pass one (x, y) goal per task")

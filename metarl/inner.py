@@ -77,9 +77,11 @@ def adapt(
             for new data at every step (RL: resampled with the current phi_j).
         prox: ``(lam, anchor)`` adds ``lam/2 * |phi - anchor|^2`` to the inner
             loss (iMAML's proximal problem). The steps are then monotone: a task
-            whose objective would not decrease halves its step (up to
-            ``MAX_HALVINGS`` times), so phi approaches the proximal minimiser
-            whatever the curvature, as the implicit gradient assumes.
+            whose objective would not decrease stays where it is for that step
+            and halves its step size for the steps after it, so phi approaches
+            the proximal minimiser whatever the curvature, as the implicit
+            gradient assumes. Each step evaluates one candidate per task and
+            nothing is read on the host (no device synchronisation per step).
 
     Returns:
         The adapted parameters and the data and losses of every step.
@@ -89,6 +91,7 @@ def adapt(
     T = batch.n_tasks
     phi = params
     out = Adaptation(phi=phi)
+    halvings: Tensor | None = None  # [T] per-task step halvings of the monotone steps
     for j in range(cfg.steps):
         if not create_graph:
             phi = P.detach(phi, requires_grad=True)
@@ -101,14 +104,14 @@ def adapt(
             loss = loss + _prox(phi, anchor, lam)
         g = P.grads(loss.sum(), phi, create_graph=create_graph)  # per-task grads [T, ...]
         if prox is not None and not create_graph:
-            phi = _monotone_step(batch, phi, g, d, loss.detach(), cfg.lr_at(j), prox)
+            if halvings is None:
+                halvings = torch.zeros_like(loss.detach())
+            phi, halvings = _monotone_step(batch, phi, g, d, loss.detach(), cfg.lr_at(j), prox,
+                                           halvings)
         else:
             phi = P.add(phi, g, -cfg.lr_at(j))
     out.phi = phi if create_graph else P.detach(phi)
     return out
-
-
-MAX_HALVINGS = 12
 
 
 def _prox(phi: Params, anchor: Params, lam: float) -> Tensor:
@@ -117,19 +120,21 @@ def _prox(phi: Params, anchor: Params, lam: float) -> Tensor:
 
 
 def _monotone_step(batch: TaskBatch, phi: Params, g: Params, data: Data, before: Tensor,
-                   alpha: float, prox: tuple[float, Params]) -> Params:
-    """``phi - a_t g_t`` with per-task ``a_t <= alpha`` halved until the proximal objective decreases."""
+                   alpha: float, prox: tuple[float, Params],
+                   halvings: Tensor) -> tuple[Params, Tensor]:
+    """``phi - a_t g_t`` with ``a_t = alpha / 2^halvings_t``, for the tasks whose proximal
+    objective decreases (``after <= before``; NaN counts as no decrease). The other tasks
+    keep ``phi`` and one more halving for the next step: returns ``(phi', halvings')``.
+
+    One candidate per task and no host read: the same work whatever the outcome, so no
+    Python branch waits for the device (an earlier version halved within the step until
+    every task decreased, which read a flag on the host after each evaluation).
+    """
     lam, anchor = prox
-    a = torch.full_like(before, alpha)  # [T]
     with torch.no_grad():
-        for _ in range(MAX_HALVINGS):
-            cand = P.add(phi, g, -a)
-            after = batch.inner_loss(cand, data) + _prox(cand, anchor, lam)  # [T]
-            worse = ~(after <= before)  # NaN counts as worse
-            if not bool(worse.any()):
-                break
-            a = torch.where(worse, a / 2, a)
-        else:
-            a = torch.where(worse, torch.zeros_like(a), a)  # no decrease found: stay
-            cand = P.add(phi, g, -a)
-    return cand
+        a = alpha * torch.pow(0.5, halvings)  # [T]
+        cand = P.add(phi, g, -a)
+        after = batch.inner_loss(cand, data) + _prox(cand, anchor, lam)  # [T]
+        ok = after <= before  # [T]
+        phi = {k: torch.where(P.per_task(ok, v), v, phi[k]) for k, v in cand.items()}
+        return phi, torch.where(ok, halvings, halvings + 1)

@@ -126,9 +126,18 @@ class DivergedError(RunError):
 
 
 def check_finite(grad: dict[str, Tensor], what: str) -> None:
-    """Raise :class:`DivergedError` naming the first non-finite leaf of ``grad``."""
-    for k, v in grad.items():
-        if not bool(torch.isfinite(v).all()):
+    """Raise :class:`DivergedError` naming the first non-finite leaf of ``grad``.
+
+    One host read for the whole tree (a single device synchronisation on CUDA), not one
+    per leaf; only when something is not finite are the leaves examined one by one.
+    """
+    if not grad:
+        return
+    finite = torch.stack([torch.isfinite(v).all() for v in grad.values()])  # [n_leaves] bool
+    if bool(finite.all()):
+        return
+    for k, ok in zip(grad, finite.tolist()):
+        if not ok:
             raise DivergedError(f"{what} is not finite in {k!r}: lower the inner or outer learning "
                                 "rate (iMAML: raise --lam so that I + H/lam stays positive definite)")
 

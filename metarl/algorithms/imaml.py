@@ -68,9 +68,10 @@ def meta_grad(theta: Params, batch: TaskBatch, inner: InnerConfig,
     _, H = P.grad_and_hvp(lambda p: batch.inner_loss(p, inner_data), phi)  # u -> H u per task
     g_T, indefinite = cg(lambda u: P.add(P.scale(u, 1.0 + cfg.cg_damping), H(u), 1.0 / cfg.lam),
                          v, cfg.cg_iters, per_task=True)  # ((1+d) I + H/lam) g = v, [T] systems
-    if bool(indefinite.any()):
+    frac = int(indefinite.sum()) / T  # the one host read of the indefinite flags
+    if frac > 0:
         log.debug("iMAML: (I + H/lam) not positive definite for %d of %d tasks; raise lam or "
-                  "cg_damping", int(indefinite.sum()), T)
+                  "cg_damping", round(frac * T), T)
     return MetaGrad(grad=P.task_mean(g_T), inner_losses=ad.losses, outer_loss=L_out.detach(),
                     phi=P.detach(phi), inner_data=ad.data, outer_data=out_data,
-                    extra={"imaml/cg_indefinite": float(indefinite.float().mean())})
+                    extra={"imaml/cg_indefinite": frac})

@@ -231,7 +231,7 @@ class RLFamily(FamilyBase):
                                   "workers option")
             act = self._spaces()[1]
             if self.normalize_actions and isinstance(act, gymnasium.spaces.Box):
-                env = NormalizedActions(env, torch.as_tensor(act.low), torch.as_tensor(act.high))
+                env = NormalizedActions(env, act.low, act.high)
             self._envs[key] = env
         return self._envs[key]
 

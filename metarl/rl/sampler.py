@@ -93,6 +93,11 @@ class BatchEnv(Protocol):
     (not stepped again, or stepped and ignored); the sampler masks it.
     Actions are passed unclipped; clipping to the action bounds happens in
     the env.
+
+    An env that steps on the host may also define ``all_done() -> bool``: True
+    once every episode has ended, known without reading a tensor. The sampler
+    then stops early; for an env on the device it runs all ``H`` steps, since
+    asking whether every episode ended would wait for the device at every step.
     """
 
     def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int) -> Tensor:
@@ -228,17 +233,24 @@ class GymSlots:
         self.envs, self.specs = [], []
 
 
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
 class SlotsBatchEnv:
     """``T x E`` :class:`EnvSlots` stepped in this process, behind the :class:`BatchEnv`
     interface.
 
     Slot ``i = t * E + e`` runs task ``t`` with the environment seed
-    ``SeedSequence(seed).generate_state(T * E)[i]``. Actions go device -> numpy
-    once per time step (cast to the action space's dtype and, for ``Box``
-    spaces, clipped to its bounds); observations, rewards and done flags come
-    back as one tensor each. An environment's exception reaches the caller as
-    it was raised. :class:`metarl.rl.workers.WorkerBatchEnv` runs the same
-    slots in worker processes.
+    ``SeedSequence(seed).generate_state(T * E)[i]``. Each time step crosses
+    between host and device once each way: the actions come to numpy in one
+    copy (then cast to the action space's dtype and, for ``Box`` spaces,
+    clipped to its bounds), and the observations, rewards and
+    done flags go back in one copy, side by side in one ``[T * E, obs + 2]``
+    array of the learner's dtype (from a pinned buffer, without waiting, on
+    CUDA), split into three tensors on the device. An environment's exception
+    reaches the caller as it was raised.
+    :class:`metarl.rl.workers.WorkerBatchEnv` runs the same slots in worker
+    processes.
 
     Args:
         make_slots: builds the :class:`EnvSlots` (once, at the first reset).
@@ -250,6 +262,8 @@ class SlotsBatchEnv:
 
     def __init__(self, make_slots: Callable[[], EnvSlots], *, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, clip_actions: bool = True) -> None:
+        if dtype not in _NUMPY_DTYPES:
+            raise TypeError(f"dtype {dtype} is not a float dtype: use torch.float32 or float64")
         self.make_slots = make_slots
         self.device, self.dtype = torch.device(device), dtype
         self.clip_actions = clip_actions
@@ -260,6 +274,10 @@ class SlotsBatchEnv:
         self._seed = 0
         self._seeds = np.zeros(0, dtype=np.uint32)
         self._step = 0
+        self._done = np.zeros(0, dtype=bool)  # [n] the slots' done flags, on the host
+        self._pinned: Tensor | None = None  # CUDA: the staging buffer of the uploads
+        self._pinned_np = np.zeros((0, 0))  # its numpy view
+        self._copied: Any = None  # CUDA: event of the last upload from it, until waited for
 
     def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int) -> Tensor:
         """Reset ``len(tasks) * n_episodes`` slots, each with its own seed derived from
@@ -277,7 +295,8 @@ class SlotsBatchEnv:
                 self._space, (gymnasium.spaces.Box, gymnasium.spaces.Discrete)):
             raise TypeError(f"{type(self).__name__} supports Box and Discrete action spaces, got "
                             f"{self._space}")
-        return self._to_torch(obs).reshape(T, E, -1)
+        self._done = np.zeros(T * E, dtype=bool)
+        return self._send(obs, np.zeros(T * E), self._done)[0]
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Step every slot whose episode is still running (see :class:`BatchEnv`)."""
@@ -285,15 +304,38 @@ class SlotsBatchEnv:
         space = self._space
         if space is None:
             raise RuntimeError(f"{type(self).__name__}.step called before reset: call reset first")
-        a = actions.detach().reshape(T * E, *actions.shape[2:]).cpu().numpy()  # [n, ...]
+        a = actions.detach().reshape(T * E, *actions.shape[2:]).cpu().numpy()  # [n, ...]: the
+        # one device -> host copy of the step, in the learner's dtype (cast here, on the host);
+        # it waits for the stream, so the last upload from the pinned buffer is done too
+        self._copied = None
         if isinstance(space, gymnasium.spaces.Box):
             a = a.astype(space.dtype, copy=False)
             if self.clip_actions:
                 a = np.clip(a, space.low, space.high)
         self._step += 1
         obs, reward, done = self._step_slots(a)
-        return (self._to_torch(obs).reshape(T, E, -1), self._to_torch(reward).reshape(T, E),
-                torch.from_numpy(done).to(self.device).reshape(T, E))
+        self._done = np.asarray(done, dtype=bool)
+        return self._send(obs, reward, self._done)
+
+    def _send(self, obs: np.ndarray, reward: np.ndarray,
+              done: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+        """``obs [n, obs]``, ``reward [n]`` and ``done [n]`` to the device in one copy, side
+        by side in ``[n, obs + 2]``: obs ``[T, E, obs]``, reward ``[T, E]``, done ``[T, E]``."""
+        T, E = self._shape
+        n = T * E
+        width = obs.shape[1] if obs.ndim == 2 else 0
+        host = self._host_buffer(n, width + 2)  # [n, obs + 2] in the learner's dtype
+        host[:, :width] = obs.reshape(n, width)
+        host[:, width] = reward
+        host[:, width + 1] = done
+        out = self._upload(host)  # the one host -> device copy
+        return (out[:, :width].reshape(T, E, width), out[:, width].reshape(T, E),
+                (out[:, width + 1] > 0.5).reshape(T, E))
+
+    def all_done(self) -> bool:
+        """True once every slot's episode has ended (read from the host's flags: no
+        device synchronisation). The sampler stops early on it."""
+        return bool(self._done.all())
 
     def _slot_tasks(self) -> list[dict[str, Any]]:
         E = self._shape[1]
@@ -316,8 +358,32 @@ class SlotsBatchEnv:
         except SlotError as e:
             raise (e.__cause__ or e) from None
 
-    def _to_torch(self, x: np.ndarray) -> Tensor:
-        return torch.from_numpy(x).to(device=self.device, dtype=self.dtype)
+    def _host_buffer(self, n: int, width: int) -> np.ndarray:
+        """The host array ``[n, width]`` (learner dtype) that the next :meth:`_upload` sends.
+
+        On CPU a fresh array each time (the tensors returned share its memory). On
+        CUDA one pinned buffer, reused once the copy out of it has finished.
+        """
+        if self.device.type != "cuda":
+            return np.empty((n, width), dtype=_NUMPY_DTYPES[self.dtype])
+        if self._pinned is None or self._pinned.shape != (n, width):
+            self._pinned = torch.empty((n, width), dtype=self.dtype, pin_memory=True)
+            self._pinned_np = self._pinned.numpy()
+            self._copied = None
+        if self._copied is not None:  # an upload not yet waited for (a reset after a step)
+            self._copied.synchronize()
+            self._copied = None
+        return self._pinned_np
+
+    def _upload(self, host: np.ndarray) -> Tensor:
+        """``host`` (from :meth:`_host_buffer`) as a tensor on the device, in one copy."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(host).to(device=self.device)
+        assert self._pinned is not None and host is self._pinned_np
+        out = self._pinned.to(self.device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+        return out
 
     def close(self) -> None:
         """Close the environments."""
@@ -363,9 +429,12 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
     One loop over time steps, nothing else: at each step one policy call on
     ``[T, E, obs]`` with task t's parameters for task t's episodes, one batched
     draw of actions from a ``torch.Generator`` seeded with ``seed`` on the
-    parameters' device, one batched env step. Runs under ``torch.no_grad``;
-    stops early once every episode has ended. The same ``seed`` (with the same
-    parameters and env) gives identical trajectories.
+    parameters' device, one batched env step. Nothing is read back to the host
+    (an env on the device runs without a synchronisation per step). Runs under
+    ``torch.no_grad``; stops early once every episode has ended if the env
+    knows that on the host (``all_done``, see :class:`BatchEnv`), and otherwise
+    runs all ``H`` steps, with the same result. The same ``seed`` (with the
+    same parameters and env) gives identical trajectories.
 
     Args:
         policy: the policy (e.g. :class:`metarl.rl.policies.GaussianMLPPolicy`).
@@ -397,6 +466,7 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
         mask_buf = torch.zeros(T, E, H, dtype=dtype, device=device)  # [T, E, H]
         logp_buf = torch.zeros(T, E, H, dtype=dtype, device=device)  # [T, E, H]
         act_buf: Tensor | None = None  # [T, E, H, act] or [T, E, H], allocated at the first step
+        all_done = getattr(env, "all_done", None)  # host envs: stop early without a device read
         for h in range(H):
             dist = policy.dist(params_T, obs)
             act = dist.sample(gen)  # [T, E, act] or [T, E]
@@ -410,9 +480,15 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
             obs = obs.to(device=device, dtype=dtype)
             rew_buf[:, :, h] = reward.to(device=device, dtype=dtype) * alive
             alive = alive & ~done.to(device)
-            if not bool(alive.any()):
+            if all_done is not None and all_done():
                 break
-    assert act_buf is not None  # internal invariant: H >= 1 was checked above
+        assert act_buf is not None  # internal invariant: H >= 1 was checked above
+        # steps after every episode ended are all zeros, as if the loop had stopped there
+        live = mask_buf.flatten(0, 1).amax(0) > 0  # [H]
+        obs_buf *= live.view(1, 1, H, 1)
+        logp_buf *= live
+        act_buf = torch.where(live.view(1, 1, H, *([1] * (act_buf.dim() - 3))), act_buf,
+                              torch.zeros((), dtype=act_buf.dtype, device=device))
     return Rollouts(obs=obs_buf, actions=act_buf, rewards=rew_buf, mask=mask_buf,
                     log_probs=logp_buf)
 
@@ -423,16 +499,32 @@ class NormalizedActions:
     paper's experiments): a policy with std 1 then explores the whole box instead of
     saturating its bounds. The env still clips what lands outside."""
 
-    def __init__(self, env: BatchEnv, low: Tensor, high: Tensor) -> None:
-        self.env, self.low, self.high = env, low, high
+    def __init__(self, env: BatchEnv, low: Tensor | np.ndarray, high: Tensor | np.ndarray) -> None:
+        self.env = env
+        # kept in float64 on the host (exact for a float32 Box); bounds() converts once
+        self.low = torch.as_tensor(np.asarray(low, dtype=np.float64))
+        self.high = torch.as_tensor(np.asarray(high, dtype=np.float64))
+        self._bounds: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int) -> Tensor:
         return self.env.reset(tasks, n_episodes, seed)
 
+    def bounds(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``(low, 0.5 * (high - low))`` on ``device`` in ``dtype``, copied there once."""
+        key = (device, dtype)
+        if key not in self._bounds:
+            low = self.low.to(device=device, dtype=dtype)
+            self._bounds[key] = (low, 0.5 * (self.high.to(device=device, dtype=dtype) - low))
+        return self._bounds[key]
+
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        low = self.low.to(actions.device, actions.dtype)
-        high = self.high.to(actions.device, actions.dtype)
-        return self.env.step(low + (actions + 1.0) * 0.5 * (high - low))
+        low, half_range = self.bounds(actions.device, actions.dtype)
+        return self.env.step(low + (actions + 1.0) * half_range)
+
+    def all_done(self) -> bool:
+        """The wrapped env's :meth:`SlotsBatchEnv.all_done`; False if it has none."""
+        all_done = getattr(self.env, "all_done", None)
+        return bool(all_done()) if all_done is not None else False
 
     def close(self) -> None:
         close = getattr(self.env, "close", None)
