@@ -18,6 +18,7 @@ in seconds, and measures nothing worth reading).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import statistics
@@ -38,8 +39,11 @@ from metarl.algorithms import IMAMLConfig, meta_grad
 from metarl.inner import InnerConfig
 from metarl.memory import peak_memory
 from metarl.outer import GradientOuter
+from metarl.rl.batch import masked_task_mean
 from metarl.rl.family import RLFamily
 from metarl.rl.sampler import GymBatchEnv, sample
+from metarl.rl.trpo import FAST_FISHER_SUBSAMPLE
+from metarl.types import Params
 
 Row = dict[str, Any]
 Scale = Literal["full", "quick", "tiny"]
@@ -131,6 +135,8 @@ def sinusoid_cases(device: str, scale: Scale) -> Iterator[Case]:
 
 def run_rl(case: Case) -> Row:
     """Navigation sampler throughput, or seconds per meta-iteration of an RL algorithm."""
+    if case.algo == "maml-trpo":
+        return run_trpo_paths(case)
     dev = torch.device(case.device)
     opts = case.options or {}
     T, E, H = case.meta_batch, int(opts.get("rollouts", 20)), int(opts.get("horizon", 100))
@@ -204,6 +210,99 @@ def rl_cases(device: str, scale: Scale) -> Iterator[Case]:
     for algo in ("maml", "fomaml") if quick else ("maml", "fomaml", "reptile", "imaml"):
         yield Case(section="rl", algo=algo, k=1, impl="batched", device=device, meta_batch=20,
                    repeats=2 if quick else 3, warmup=1)
+    yield from trpo_path_cases(device, scale)
+
+
+TRPO_PATH_FAMILIES = {"navigation2d": 20, "halfcheetah-vel": 40}
+"""The families whose MAML-TRPO paths the rl section compares, with their meta-batch."""
+
+
+def trpo_path_cases(device: str, scale: Scale) -> Iterator[Case]:
+    """MAML-TRPO, the fast Fisher path against the exact one, per family of
+    :data:`TRPO_PATH_FAMILIES` (halfcheetah-vel only where MuJoCo is installed);
+    ``tiny``: T = 2 x E = 2 x H = 5."""
+    for name, T in TRPO_PATH_FAMILIES.items():
+        if name == "halfcheetah-vel" and importlib.util.find_spec("mujoco") is None:
+            continue
+        opts: dict[str, Any] = {"family": name, "fisher_subsample": FAST_FISHER_SUBSAMPLE}
+        if scale == "tiny":
+            yield Case(section="rl", algo="maml-trpo", k=1, impl="fast-vs-exact", device=device,
+                       meta_batch=2, repeats=1, warmup=0,
+                       options={**opts, "rollouts": 2, "horizon": 5})
+        else:
+            yield Case(section="rl", algo="maml-trpo", k=1, impl="fast-vs-exact", device=device,
+                       meta_batch=T, repeats=2 if scale == "quick" else 3, warmup=1, options=opts)
+
+
+def run_trpo_paths(case: Case) -> Row:
+    """MAML-TRPO meta-iterations on one family, the fast path (``fisher_subsample`` of
+    the case) and the reference exact path (1.0, the previous code's numbers bit for bit)
+    in this process, their iterations alternating, each path its own theta from the same
+    start and its own task stream.
+
+    Per path: seconds per iteration (sampling included), the sampler's share, the update
+    (the rest: meta-gradient, conjugate gradient, line search), and the update in
+    policy-gradient equivalents: update seconds over those of one first-order policy
+    gradient (the REINFORCE surrogate's forward and backward with respect to theta) on
+    that iteration's post-adaptation trajectories (T x E x H steps). Medians over
+    ``repeats`` iterations after ``warmup``; ``speedup`` = reference / fast seconds per
+    iteration."""
+    dev = torch.device(case.device)
+    opts = dict(case.options or {})
+    name, share = str(opts["family"]), float(opts["fisher_subsample"])
+    fam = _rl_family(name, **{k: int(opts[k]) for k in ("rollouts", "horizon") if k in opts})
+    T = case.meta_batch
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    paths: dict[str, Callable[[], tuple[float, float, float]]] = {}
+    for path, f in (("fast", share), ("exact", 1.0)):
+        cfg = C.resolve(fam, {"algo": "maml", "meta_batch": T, "device": case.device,
+                              "family_options": fam.options(), "trpo": {"fisher_subsample": f}})
+        g = torch.Generator().manual_seed(0)
+        theta = P.clone_leaf(fam.init_params(g, dev, torch.float32))
+        paths[path] = _trpo_iteration(fam, cfg, theta, fam.make_outer(cfg, theta), g, dev, sync)
+    for _ in range(case.warmup):
+        for run in paths.values():
+            run()
+    times: dict[str, list[tuple[float, float, float]]] = {p: [] for p in paths}
+    for _ in range(case.repeats):
+        for path, run in paths.items():
+            times[path].append(run())
+    med = {p: [statistics.median(x[i] for x in ts) for i in range(3)] for p, ts in times.items()}
+    row: Row = {"algo": case.algo, "impl": case.impl, "family": name, "T": T,
+                "E": fam.rl.rollouts, "H": fam.rl.horizon, "fisher_subsample": share}
+    for path, prefix in (("fast", ""), ("exact", "ref_")):
+        total, sample_s, pg = med[path]
+        update = statistics.median(t - s for t, s, _ in times[path])
+        row.update({f"{prefix}sec_per_iter": total, f"{prefix}sample_sec": sample_s,
+                    f"{prefix}update_sec": update, f"{prefix}pg_sec": pg,
+                    f"{prefix}pg_equivalents": update / pg})
+    row["speedup"] = row["ref_sec_per_iter"] / row["sec_per_iter"]
+    row["update_speedup"] = row["ref_update_sec"] / row["update_sec"]
+    return row
+
+
+def _trpo_iteration(fam: RLFamily, cfg: C.TrainConfig, theta: Params, outer: Any,
+                    g: torch.Generator, dev: torch.device,
+                    sync: Callable[[], None]) -> Callable[[], tuple[float, float, float]]:
+    """One timed MAML-TRPO iteration -> (seconds, sampling seconds, one policy gradient's
+    seconds on its post-adaptation trajectories)."""
+
+    def run() -> tuple[float, float, float]:
+        t0 = time.perf_counter()
+        batch = fam.sample_batch(cfg.meta_batch, g, device=dev)
+        mg = outer.step(theta, batch, lambda th, b: meta_grad("maml", th, b, cfg.inner))
+        sync()
+        total = time.perf_counter() - t0
+        data = mg.outer_data
+        t1 = time.perf_counter()
+        th = P.detach(theta, requires_grad=True)
+        logp = batch.log_probs(P.expand(th, batch.n_tasks), data)  # [T, E, H]
+        loss = -masked_task_mean(logp * data.advantages, data.rollouts.mask)  # REINFORCE, [T]
+        P.grads(loss.mean(), th)
+        sync()
+        return total, batch.sample_seconds, time.perf_counter() - t1
+
+    return run
 
 
 def run_omniglot(case: Case) -> Row:

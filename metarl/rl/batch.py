@@ -10,8 +10,10 @@ on the same data without resampling.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,9 +157,61 @@ class RLBatch:
         """Per-task meta-objective ``[T]``: ``-mean(pi / pi_old * A)`` on post-adaptation
         trajectories (the importance-weighted surrogate of TRPO; its gradient at the
         sampling parameters is the policy gradient)."""
+        return self._surrogate(self.log_probs(params, data), data)
+
+    @staticmethod
+    def _surrogate(logp: Tensor, data: Trajectories) -> Tensor:
         r = data.rollouts
-        ratio = torch.exp(self.log_probs(params, data) - r.log_probs)  # [T, E, H]
+        ratio = torch.exp(logp - r.log_probs)  # [T, E, H]
         return -masked_task_mean(ratio * data.advantages, r.mask)
+
+    def line_search_score(self, old: Params,
+                          data: Trajectories) -> Callable[[Params], tuple[Tensor, Tensor]]:
+        """``new -> (outer_loss(new, data), kl(old, new, data))``, each ``[T]``, with one
+        policy forward per call: the old policy's distribution on ``data`` is computed
+        here, once (TRPO's line search scores several candidates against the same old
+        policy). The numbers are those of the two separate calls, bit for bit."""
+        r = data.rollouts
+        with torch.no_grad():
+            old_dist = self.policy.dist(old, r.obs)  # [T, E, H, ...]
+
+        def score(new: Params) -> tuple[Tensor, Tensor]:
+            dist = self.policy.dist(new, r.obs)
+            kl = masked_task_mean(old_dist.kl(dist), r.mask)  # [T]
+            return self._surrogate(dist.log_prob(r.actions), data), kl
+
+        return score
+
+    def subsample(self, data: Trajectories, share: float) -> Trajectories:
+        """The first ``n = max(1, ceil(share * E))`` trajectories of every task: every
+        ``[T, E, ...]`` field sliced to ``[T, n, ...]``, advantages kept as computed
+        (baseline and normalisation) on the full batch. Episodes of a task are
+        exchangeable draws, so a loss, its Hessian or the KL on the slice is an
+        estimate of the full batch's from n of its E trajectories.
+
+        Raises:
+            ValueError: ``share`` outside ``(0, 1]``.
+        """
+        if not 0 < share <= 1:
+            raise ValueError(f"share of trajectories must be in (0, 1], got {share}")
+        E = data.rollouts.n_episodes
+        n = max(1, math.ceil(share * E - 1e-9))  # 1e-9: 0.1 * 20 is 2, not 3
+        if n == E:
+            return data
+
+        T = data.rollouts.n_tasks
+
+        def head(obj: Any) -> Any:  # slice every [T, E, ...] tensor of a (nested) dataclass
+            sliced: dict[str, Any] = {}
+            for f in dataclasses.fields(obj):
+                v = getattr(obj, f.name)
+                if dataclasses.is_dataclass(v):
+                    sliced[f.name] = head(v)
+                elif isinstance(v, Tensor) and tuple(v.shape[:2]) == (T, E):
+                    sliced[f.name] = v[:, :n]
+            return dataclasses.replace(obj, **sliced)
+
+        return head(data)
 
     def kl(self, old: Params, new: Params, data: Trajectories) -> Tensor:
         """Mean KL(pi_old || pi_new) over each task's valid steps: ``[T]``."""

@@ -14,6 +14,20 @@ trajectories:
    candidate theta' is re-adapted from the *stored* inner trajectories (no
    resampling) and accepted when the surrogate improves and the KL is within
    ``max_kl``; if none is, theta is left unchanged.
+
+Cost. Each Fisher-vector product through one inner step is three double-backward
+passes (J v, F_phi J v, J^T F_phi J v) over the whole batch, and CG takes ``cg_iters``
+of them plus one for s^T F s: with the defaults that was 77% of an update. With
+``fisher_subsample < 1`` the products are taken on the first ``ceil(share * E)``
+trajectories of every task (inner and post-adaptation ones alike), as OpenAI's TRPO
+takes its Fisher on a subsample of the batch: F is then the exact Hessian of the mean
+KL through the adaptation on those trajectories (a noisier metric, not a different
+one), while g, the improvement and the KL bound of the line search stay on every
+trajectory, so each accepted step still satisfies the bound on the full batch.
+The line search scores a candidate with one policy forward (the old policy's
+distribution is computed once per step); those numbers equal the separate
+``outer_loss`` and ``kl`` calls bit for bit, so ``fisher_subsample = 1`` is the
+previous code path exactly.
 """
 
 from __future__ import annotations
@@ -21,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -32,6 +46,12 @@ from metarl.inner import InnerConfig, adapt
 from metarl.linalg import cg
 from metarl.outer import Compute
 from metarl.types import ConfigError, Data, Params, RLTaskBatch, TaskBatch, check_finite
+
+FAST_FISHER_SUBSAMPLE = 0.1
+"""The fast path's share of trajectories for the Fisher-vector products (what ``metarl
+bench --section rl`` compares with the exact path, 1.0)."""
+FISHER_SUBSAMPLE = 1.0
+"""Default share of trajectories for the Fisher-vector products (see :class:`TRPOConfig`)."""
 
 Readapt = Callable[[Params, TaskBatch, list[Data], bool], Params]
 """``(theta, batch, inner_data, create_graph) -> phi``: the algorithm's inner loop on stored data."""
@@ -49,6 +69,12 @@ class TRPOConfig:
     """Backtracking line-search steps."""
     ls_backtrack: float = 0.8
     """Step shrink factor per backtracking step."""
+    fisher_subsample: float = FISHER_SUBSAMPLE
+    """Share of each task's trajectories (the first ceil(share * E), inner and
+    post-adaptation alike) on which conjugate gradient takes its Fisher-vector
+    products, as OpenAI's TRPO does; the meta-gradient and the line search's
+    improvement and KL bound always use every trajectory. 1.0: the full batch, the
+    exact path of the published-number tables."""
 
     def __post_init__(self) -> None:
         if self.max_kl <= 0 or self.cg_iters < 1 or self.damping < 0 or self.ls_steps < 1:
@@ -56,6 +82,28 @@ class TRPOConfig:
                               f"got {self.max_kl}, {self.cg_iters}, {self.damping}, {self.ls_steps}")
         if not 0 < self.ls_backtrack < 1:
             raise ConfigError(f"TRPO ls_backtrack must be in (0, 1), got {self.ls_backtrack}")
+        if not 0 < self.fisher_subsample <= 1:
+            raise ConfigError(f"TRPO fisher_subsample must be in (0, 1], got {self.fisher_subsample}: "
+                              "it is the share of each task's trajectories the Fisher uses "
+                              "(1.0: all of them)")
+
+
+Score = Callable[[Params], tuple[Tensor, Tensor]]
+"""``new -> (outer loss [T], KL(old || new) [T])`` on fixed trajectories."""
+
+
+@runtime_checkable
+class SupportsTrajectorySubsample(Protocol):
+    """An RL task batch that can restrict its data to a share of each task's trajectories
+    and score line-search candidates with one policy forward (:class:`~metarl.rl.batch.RLBatch`)."""
+
+    def subsample(self, data: Data, share: float) -> Data:
+        """The first ``ceil(share * E)`` trajectories of every task (at least one)."""
+        ...
+
+    def line_search_score(self, old: Params, data: Data) -> Score:
+        """``new -> (outer_loss(new, data), kl(old, new, data))``, equal to those calls."""
+        ...
 
 
 def make_readapt(algo: str, inner: InnerConfig, lam: float | None = None) -> Readapt:
@@ -87,6 +135,19 @@ class TRPO:
         self.cfg, self.readapt, self.through = cfg, readapt, through_adaptation
         self.readapt_steps = inner or InnerConfig()
 
+    def fisher_data(self, batch: RLTaskBatch, mg: MetaGrad) -> tuple[list[Data], Data]:
+        """The inner and post-adaptation data the Fisher-vector products use: all of
+        ``mg``'s, or with ``fisher_subsample < 1`` the batch's subsample of each."""
+        share = self.cfg.fisher_subsample
+        if share >= 1:
+            return mg.inner_data, mg.outer_data
+        if not isinstance(batch, SupportsTrajectorySubsample):
+            raise ConfigError(f"TRPO fisher_subsample={share} needs a task batch that subsamples "
+                              f"its trajectories; {type(batch).__name__} has no subsample(data, "
+                              "share): set fisher_subsample to 1.0")
+        return ([batch.subsample(d, share) for d in mg.inner_data],
+                batch.subsample(mg.outer_data, share))
+
     def fisher_vector_product(self, theta: Params, batch: RLTaskBatch,
                               mg: MetaGrad) -> Callable[[Tensor], Tensor]:
         """``v -> (F + damping I) v`` with F the Hessian of the mean KL at theta.
@@ -99,16 +160,21 @@ class TRPO:
         losses and one on the KL, every one a single backward pass over a graph
         built once (``direct_fisher_vector_product`` differentiates the KL through
         the unrolled steps instead: the same numbers, several times the cost).
-        First-order algorithms take J = I.
+        First-order algorithms take J = I. With ``fisher_subsample < 1`` every
+        Hessian here is taken on the subsampled trajectories (:meth:`fisher_data`): the
+        inner steps' H_j along the subsample's own adaptation, F_phi at the old adapted
+        policy on the subsampled post-adaptation states (see
+        :meth:`direct_fisher_vector_product` for the matrix this is).
         """
-        old, out = mg.phi, mg.outer_data
+        old = mg.phi
         assert old is not None
+        inner_data, out = self.fisher_data(batch, mg)
         T = batch.n_tasks
         inner_hvps: list[tuple[float, Callable[[Params], Params]]] = []
         if self.through:
             phi = P.expand(P.detach(theta), T)
             steps = self.readapt_steps
-            for j, d in enumerate(mg.inner_data):
+            for j, d in enumerate(inner_data):
                 g, H = P.grad_and_hvp(lambda p, d=d: batch.inner_loss(p, d), phi)
                 alpha = steps.lr_at(j)
                 inner_hvps.append((alpha, H))
@@ -132,10 +198,22 @@ class TRPO:
 
     def direct_fisher_vector_product(self, theta: Params, batch: RLTaskBatch,
                                      mg: MetaGrad) -> Callable[[Tensor], Tensor]:
-        """Reference: the Hessian of the mean KL differentiated through the re-adaptation."""
+        """Reference: the Hessian of the mean KL differentiated through the re-adaptation,
+        on the same trajectories as :meth:`fisher_vector_product`. On a subsample the
+        re-adaptation ``phi_sub(theta')`` is translated to pass through the old adapted
+        policy at theta, ``phi_sub(theta') - phi_sub(theta) + phi_old``: the KL's gradient
+        then vanishes at theta and its Hessian is ``J_sub^T F_sub J_sub``, the Fisher of
+        the full batch estimated from the subsample's Jacobian and KL (without the shift
+        the Hessian would carry the subsample's adaptation error times the curvature of
+        the inner steps, and need not be positive semi-definite)."""
+        inner_data, out = self.fisher_data(batch, mg)
         th = P.detach(theta, requires_grad=True)
-        phi = self.readapt(th, batch, mg.inner_data, True)
-        grad_kl = P.grads(batch.kl(mg.phi, phi, mg.outer_data).mean(), th, create_graph=True)
+        phi = self.readapt(th, batch, inner_data, True)
+        if self.cfg.fisher_subsample < 1:
+            old = mg.phi
+            assert old is not None
+            phi = {k: v - v.detach() + old[k] for k, v in phi.items()}
+        grad_kl = P.grads(batch.kl(mg.phi, phi, out).mean(), th, create_graph=True)
 
         def F(v: Tensor) -> Tensor:
             hv = P.grads(P.flatten(grad_kl) @ v, th, retain_graph=True)
@@ -158,19 +236,23 @@ class TRPO:
                                 P.scale(P.detach(mg.grad), -1.0), cfg.cg_iters,
                                 per_task=False)  # F s = -g, one system over all of theta
         s = P.flatten(s_tree)
-        sFs = float(s @ F(s))
+        if cfg.fisher_subsample < 1:  # CG's iterate from 0: s^T (F + damping I) s = -s^T g
+            sFs = float(-(s @ P.flatten(P.detach(mg.grad))))
+        else:
+            sFs = float(s @ F(s))  # the exact path: one more product
         theta0 = P.flatten(P.detach(theta))
         L0 = float(mg.outer_loss.mean())
         accepted, frac, kl_new, L_new = False, 0.0, 0.0, L0
         if sFs > 0 and math.isfinite(sFs):
             full = s * math.sqrt(2 * cfg.max_kl / sFs)
+            score = self._score(batch, mg)
             for i in range(cfg.ls_steps):
                 frac = cfg.ls_backtrack ** i
                 cand = P.unflatten(theta0 + frac * full, theta)
                 phi = P.detach(self.readapt(cand, batch, mg.inner_data, False))
                 with torch.no_grad():
-                    L_new = float(batch.outer_loss(phi, mg.outer_data).mean())
-                    kl_new = float(batch.kl(mg.phi, phi, mg.outer_data).mean())
+                    L_T, kl_T = score(phi)  # [T], [T] on every post-adaptation trajectory
+                    L_new, kl_new = float(L_T.mean()), float(kl_T.mean())
                 if L_new < L0 and kl_new <= cfg.max_kl:
                     accepted = True
                     break
@@ -185,6 +267,16 @@ class TRPO:
                          "trpo/accepted": float(accepted),
                          "trpo/cg_indefinite": float(indefinite)})
         return mg
+
+    @staticmethod
+    def _score(batch: RLTaskBatch, mg: MetaGrad) -> Score:
+        """The line search's ``phi -> (outer loss, KL)`` on ``mg``'s post-adaptation data."""
+        old, out = mg.phi, mg.outer_data
+        assert old is not None
+        with torch.no_grad():
+            if isinstance(batch, SupportsTrajectorySubsample):
+                return batch.line_search_score(old, out)  # one policy forward per candidate
+        return lambda phi: (batch.outer_loss(phi, out), batch.kl(old, phi, out))
 
     def state_dict(self) -> dict[str, Any]:
         return {}
