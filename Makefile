@@ -1,5 +1,6 @@
 # make run   - create .venv if missing, install, train + evaluate the default job
 # make test  - create .venv if missing, install, run the default test suite
+# make lint  - ruff and mypy (strict on the engine), as CI runs them
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,13 +8,13 @@ STAMP  := $(VENV)/.installed
 RUN    ?= runs/navigation2d-maml
 ITERS  ?= 60
 
-.PHONY: run test test-slow bench install clean
+.PHONY: run test test-slow lint bench install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,mujoco]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,mujoco,metaworld]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,6 +30,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+lint: $(STAMP)
+	$(VENV)/bin/ruff check metarl envs cli tests examples
+	$(VENV)/bin/mypy
+
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
@@ -37,3 +42,21 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# make gpu-wheels - (with the package index) download what gpu-check installs, into
+#                   $(GPU_WHEELS): Python $(GPU_PY_VERSION), manylinux x86-64, no torch
+# make gpu-check  - on a CUDA machine (offline once the wheels are there): install from this
+#                   tree into $(GPU_PYTHON) keeping its torch, run the gpu tests and the quick
+#                   bench, print a table, write gpu-check.json (README, "GPU")
+GPU_PYTHON     ?= python3
+GPU_WHEELS     ?= .gpu-wheels
+GPU_PY_VERSION ?= 3.12
+
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels:
+	PYTHON=$(PYTHON) GPU_WHEELS=$(GPU_WHEELS) GPU_PY_VERSION=$(GPU_PY_VERSION) \
+		bash scripts/gpu_check.sh wheels
+
+gpu-check:
+	PYTHON=$(GPU_PYTHON) GPU_WHEELS=$(GPU_WHEELS) bash scripts/gpu_check.sh

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from metarl import distributed
 from metarl.types import MetarlError, UsageError
 
 # without a terminal (pipes, CI, CliRunner) tables get room instead of 80 columns
@@ -30,12 +31,19 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except MetarlError as e:
-        msg = " ".join(str(e).split())  # one line
-        err.print(f"error: {msg}", markup=False)
+        report(" ".join(str(e).split()))  # one line
         raise typer.Exit(code=e.exit_code) from None
     except KeyboardInterrupt:
-        err.print("interrupted", markup=False)
+        if distributed.env_rank() == 0 and not distributed.launched():
+            err.print("interrupted", markup=False)
         raise typer.Exit(code=130) from None
+
+
+def report(message: str) -> None:
+    """Print ``error: message``; a launched rank leaves it for the launcher instead, which
+    prints one line for the whole run."""
+    if not distributed.record_error(message):
+        err.print(f"error: {message}", markup=False)
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,11 +13,13 @@ from rich.table import Table
 
 from metarl import checkpoint
 from metarl.checkpoint import atomic_write
-from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, err, out, parse_options, set_threads,
-                               user_errors)
+from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, UserError, err, out, parse_options,
+                               set_threads, user_errors)
 from metarl.cli.settings import DEVICE_HELP, Device
-from metarl.evaluate import evaluate_checkpoint
+from metarl.evaluate import Curve, evaluate_checkpoint
+from metarl.evaluate import Evaluation
 from metarl.plots import adaptation_curves
+from metarl.sb3 import SampleEfficiency
 
 
 def evaluate(
@@ -37,7 +40,11 @@ def evaluate(
     pretrain_iterations: Annotated[Optional[int], typer.Option(min=1, help="RL: iterations of the pretrained baseline when it must be trained. \\[default: the family's]")] = None,
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the metric versus steps with 95% CI bands here.")] = None,
+    baseline: Annotated[Optional[list[str]], typer.Option(help="Another baseline, repeatable: ppo trains Stable-Baselines3 PPO from scratch on the first --ppo-tasks test tasks and reports the environment steps it needs to reach this model's return after each adaptation step.", rich_help_panel="PPO baseline")] = None,
+    ppo_steps: Annotated[int, typer.Option(min=1, help="PPO's budget of environment steps per task (--baseline ppo).", rich_help_panel="PPO baseline")] = 200_000,
+    ppo_tasks: Annotated[int, typer.Option(min=1, help="Test tasks PPO trains on (the first of --tasks).", rich_help_panel="PPO baseline")] = 3,
+    ppo_plot: Annotated[Optional[Path], typer.Option(help="Write PPO's learning curves against this model's adapted returns as a PNG here.", rich_help_panel="PPO baseline")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of the metric versus steps with 95% CI bands here (and a panel per extra metric, e.g. Meta-World's success rate).")] = None,
 ) -> None:
     """Adapt to fresh test tasks and report the metric after 0..K steps (mean and 95% CI).
 
@@ -47,6 +54,10 @@ def evaluate(
     """
     with user_errors():
         set_threads(threads)
+        unknown = sorted(set(baseline or ()) - {"ppo"})
+        if unknown:
+            raise UserError(f"unknown --baseline {unknown[0]!r}: use ppo (random init, "
+                            "pretrained and the oracle come with --baselines)")
         options = parse_options(family_opt)
         if rollouts:
             options["rollouts"] = rollouts
@@ -59,31 +70,83 @@ def evaluate(
                                  pretrained=pretrained, pretrain_iterations=pretrain_iterations,
                                  proximal=proximal, notify=lambda m: err.print(m, markup=False),
                                  **overrides)
-        table = Table(title=f"{ev.family} / {ev.algo}: {ev.metric} after k adaptation steps "
-                            f"({ev.curve.n_tasks} test tasks, mean +- 95% CI)")
-        table.add_column("k", justify="right")
-        for c in [ev.curve, *ev.baselines]:
-            table.add_column(c.label, justify="right")
         curves = [ev.curve, *ev.baselines]
         digits = decimals([v for c in curves for v in c.ci95])
-        for j in ev.curve.steps:
-            table.add_row(str(j), *[f"{c.mean[j]:.{digits}f} +- {c.ci95[j]:.{digits}f}"
-                                    for c in curves])
-        out.print(table)
+        out.print(curve_table(f"{ev.family} / {ev.algo}: {ev.metric} after k adaptation steps "
+                              f"({ev.curve.n_tasks} test tasks, mean +- 95% CI)", curves, digits))
+        extra = ev.extra_metrics()  # e.g. Meta-World's success rate, in the same layout
+        for name, extra_curves in extra.items():
+            out.print(curve_table(f"{ev.family} / {ev.algo}: {name} after k adaptation steps "
+                                  f"({ev.curve.n_tasks} test tasks, mean +- 95% CI)",
+                                  extra_curves, decimals([v for c in extra_curves for v in c.ci95])))
         for label, y in ev.hlines.items():
             out.print(f"{label}: {y:.{digits}f}")
         gap = ev.gap_closed()
         if gap is not None:
             out.print("fraction of the gap to the oracle closed after k steps: "
                       + ", ".join(f"k={j}: {g:.2f}" for j, g in enumerate(gap) if j))
+        ppo = ppo_baseline(run_, ev, steps=ppo_steps, n_tasks=ppo_tasks, seed=seed,
+                           plot=ppo_plot) if baseline else None
         if json_path:
-            text = json.dumps(ev.to_json(), indent=2) + "\n"
+            text = json.dumps({**ev.to_json(), **({"ppo_baseline": ppo.to_json()} if ppo else {})},
+                              indent=2) + "\n"
             atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
             err.print(f"wrote {json_path}", markup=False)
         if plot:
             adaptation_curves([ev.curve, *ev.baselines], plot, metric=ev.metric,
-                              title=f"{ev.family}: {ev.algo}", hlines=ev.hlines)
+                              title=f"{ev.family}: {ev.algo}", hlines=ev.hlines, panels=extra)
             err.print(f"wrote {plot}", markup=False)
+
+
+def curve_table(title: str, curves: Sequence[Curve], digits: int) -> Table:
+    """One row per adaptation step k, one column per curve: mean +- 95% CI."""
+    table = Table(title=title)
+    table.add_column("k", justify="right")
+    for c in curves:
+        table.add_column(c.label, justify="right")
+    for j in curves[0].steps:
+        table.add_row(str(j), *[f"{c.mean[j]:.{digits}f} +- {c.ci95[j]:.{digits}f}"
+                                for c in curves])
+    return table
+
+
+def ppo_baseline(run: checkpoint.Run, ev: Evaluation, *, steps: int, n_tasks: int, seed: int,
+                 plot: Path | None) -> SampleEfficiency:
+    """``--baseline ppo``: PPO from scratch on the first test tasks of ``ev``, its table
+    printed (and its plot written)."""
+    from metarl import sb3
+
+    family = run.family()
+    if family.kind != "rl" or ev.curve.per_task is None:
+        raise UserError(f"--baseline ppo is for RL families; {family.name!r} is {family.kind}")
+    n = min(n_tasks, ev.curve.n_tasks)
+    ks = [k for k in ev.curve.steps if k > 0]
+    if not ks:
+        raise UserError("--baseline ppo compares with adapted returns: give --steps 1 or more")
+    tasks = sb3.evaluation_tasks(family, ev.curve.n_tasks, seed)[:n]
+    err.print(f"PPO baseline: training from scratch on {n} test tasks, up to {steps} "
+              "environment steps each", markup=False)
+    se = sb3.ppo_sample_efficiency(family, ev.curve.per_task[:n], tasks, ks=ks, max_steps=steps,
+                                   seed=seed)
+    table = Table(title=f"{ev.family}: environment steps PPO from scratch needs to reach "
+                        f"{ev.algo}'s return after k adaptation steps ({se.rollouts} "
+                        f"trajectories of {se.horizon} steps per adaptation step)")
+    table.add_column("task")
+    for k in ks:
+        table.add_column(f"{ev.algo}, k={k} ({se.meta_steps(k)} steps)", justify="right")
+        table.add_column(f"PPO steps to reach it", justify="right")
+    for c in se.curves:
+        row = [json.dumps(c.task)]
+        for k in ks:
+            got = c.reached[k]
+            row += [f"{c.thresholds[k]:.1f}", f"> {c.total_steps}" if got is None else str(got)]
+        table.add_row(*row)
+    out.print(table)
+    if plot:
+        sb3.plot_sample_efficiency(se, plot, title=f"{ev.family}: PPO from scratch vs "
+                                                   f"{ev.algo} adaptation")
+        err.print(f"wrote {plot}", markup=False)
+    return se
 
 
 def decimals(ci95: list[float]) -> int:

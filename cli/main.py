@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from metarl.cli import adapt, bench, curve, evaluate, families, gradcheck, plot, train
+from metarl.cli import (adapt, bench, curve, evaluate, export, families, gradcheck, oracle,
+                        plot, render, train)
 
 app = typer.Typer(
     name="metarl",
@@ -19,6 +20,9 @@ app.command(rich_help_panel="Training")(adapt.adapt)
 app.command(rich_help_panel="Training")(evaluate.evaluate)
 app.command(rich_help_panel="Training")(plot.plot)
 app.command(rich_help_panel="Training")(curve.curve)
+app.command(rich_help_panel="Training")(oracle.oracle)
+app.command(rich_help_panel="Interop")(export.export)
+app.command(rich_help_panel="Interop")(render.render)
 app.add_typer(families.app, name="families", rich_help_panel="Families")
 app.command(rich_help_panel="Diagnostics")(gradcheck.gradcheck)
 app.command(rich_help_panel="Diagnostics")(bench.bench)

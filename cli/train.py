@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import enum
+import json
+import logging
+import os
 import signal
+import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from metarl.cli.common import (THREADS_HELP, UserError, err, is_tty, parse_options, set_threads,
-                               user_errors)
+from metarl.cli.common import (THREADS_HELP, UserError, err, is_tty, parse_options, report,
+                               set_threads, user_errors)
 from metarl.cli.settings import with_settings
-from metarl import checkpoint
+from metarl import checkpoint, distributed
 from metarl import config as C
 from metarl import families
 from metarl.config import TrainConfig
@@ -22,6 +27,7 @@ from metarl.train import train as run_training
 from metarl.types import DivergedError, RunError
 
 TASK, RUN, OUTPUT = "Task", "Run", "Output"
+log = logging.getLogger(__name__)
 
 
 class Split(str, enum.Enum):
@@ -61,6 +67,8 @@ def train(
     estimator: Annotated[Optional[Estimator], typer.Option(help="RL inner-loss estimator: reinforce (the paper's), lvc (low-variance curvature) or dice (unbiased second derivatives). \\[default: reinforce]", rich_help_panel=TASK)] = None,
     family_opt: Annotated[Optional[list[str]], typer.Option(help="Any family option as KEY=VALUE (JSON values), repeatable: --family-opt hidden=[8,8].", rich_help_panel=TASK)] = None,
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP, rich_help_panel=RUN)] = None,
+    procs: Annotated[Optional[int], typer.Option(min=1, help="Processes on this machine, each taking its share of the meta-batch (torch.distributed: gloo on CPU, NCCL with one GPU per process); results equal one process's. Across machines run this command under torchrun instead. \\[default: 1]", rich_help_panel=RUN)] = None,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="With --procs: the rendezvous port on 127.0.0.1. \\[default: a free one]", rich_help_panel=RUN)] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file of settings: top-level keys as in config.json (iterations = 500), tables \\[inner], \\[outer], \\[imaml], \\[trpo] and \\[family_options]; flags override it.", rich_help_panel=OUTPUT)] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder for config.json, metrics.jsonl and checkpoint.pt. \\[default: runs/FAMILY-ALGO]", rich_help_panel=OUTPUT)] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.", rich_help_panel=OUTPUT)] = False,
@@ -102,11 +110,22 @@ def train(
                   for layer in ((saved.to_dict() if saved else {}), file_values)]
         cfg = C.resolve(fam, *layers, {**settings, "family": name, "family_options": options})
         run_dir = out or Path("runs") / f"{fam.name}-{cfg.algo}"
-        check(cfg, fam, run_dir, overwrite=overwrite, resume=resume)
-        err.print(f"training {cfg.algo} on {fam.name} for {cfg.iterations} iterations "
-                  f"(meta-batch {cfg.meta_batch}, k={cfg.inner.steps}, inner lr {cfg.inner.lr}) "
-                  f"-> {run_dir}", markup=False)
-        tty = is_tty()
+        many = procs is not None and procs > 1 and not distributed.launched()
+        check(cfg, fam, run_dir, overwrite=overwrite, resume=resume, procs=procs)
+        if many and port is not None:
+            distributed.check_port(port)
+        main = distributed.env_rank() == 0
+        if main and not os.environ.get(distributed.ERRORS_ENV):  # our launcher said it already
+            err.print(f"training {cfg.algo} on {fam.name} for {cfg.iterations} iterations "
+                      f"(meta-batch {cfg.meta_batch}, k={cfg.inner.steps}, inner lr "
+                      f"{cfg.inner.lr}){f' on {procs} processes' if many else ''} -> {run_dir}",
+                      markup=False)
+        if many:
+            assert procs is not None
+            _launch(cfg, run_dir, procs=procs, port=port, threads=threads, overwrite=overwrite,
+                    resume=resume)
+            return
+        tty = is_tty() and main
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                       MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[m]}"),
                       console=err, disable=not tty) as bar:
@@ -124,20 +143,47 @@ def train(
                 result = run_training(cfg, run_dir, progress=progress, overwrite=overwrite,
                                       resume=resume)
             except KeyboardInterrupt:
-                err.print(f"interrupted; checkpoint of the last finished iteration is in {run_dir}",
-                          markup=False)
+                if main and not distributed.launched():
+                    err.print(f"interrupted; checkpoint of the last finished iteration is in "
+                              f"{run_dir}", markup=False)
                 raise typer.Exit(code=130) from None
             except RunError as e:
                 what = "training diverged: " if isinstance(e, DivergedError) else ""
-                err.print(f"error: {what}{' '.join(str(e).split())}; the last finished iteration "
-                          f"is checkpointed in {run_dir}", markup=False)
+                where = ("" if distributed.launched() else  # the launcher says where
+                         f"; the last finished iteration is checkpointed in {run_dir}")
+                report(f"{what}{' '.join(str(e).split())}{where}")
                 raise typer.Exit(code=e.exit_code) from None
             finally:
                 signal.signal(signal.SIGTERM, previous)
+        if not main:
+            return
         err.print(f"done: {result.iterations} iterations in {result.seconds:.1f} s "
                   f"({1e3 * result.seconds / max(result.iterations, 1):.2f} ms/it); "
                   f"{_fmt(result.metrics)}", markup=False)
         err.print(f"run folder: {result.out}", markup=False)
+
+
+def _launch(cfg: TrainConfig, run_dir: Path, *, procs: int, port: int | None,
+            threads: int | None, overwrite: bool, resume: bool) -> None:
+    """Train ``cfg`` on ``procs`` ranks of this machine: each rank runs this command on the
+    resolved settings (a config.json), rank 0 writes the run folder; one line if any fails."""
+    with tempfile.TemporaryDirectory(prefix="metarl-launch-") as tmp:
+        settings = Path(tmp) / "config.json"
+        settings.write_text(json.dumps(cfg.to_dict()))
+        args = ["train", "--config", str(settings), "--out", str(run_dir),
+                *(["--overwrite"] if overwrite else []), *(["--resume"] if resume else [])]
+        t0 = time.perf_counter()
+        try:
+            distributed.launch(args, procs, port=port, threads=threads)
+        except KeyboardInterrupt:
+            err.print(f"interrupted; checkpoint of the last finished iteration is in {run_dir}",
+                      markup=False)
+            raise typer.Exit(code=130) from None
+        except RunError as e:
+            err.print(f"error: {' '.join(str(e).split())}; the last finished iteration is "
+                      f"checkpointed in {run_dir}", markup=False)
+            raise typer.Exit(code=e.exit_code) from None
+    log.info("%d processes finished in %.1f s", procs, time.perf_counter() - t0)
 
 
 def _saved_config(out: Path | None) -> TrainConfig | None:

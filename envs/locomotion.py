@@ -635,23 +635,35 @@ class LocomotionFamily(RLFamily):
         """Average return ``[T]`` of the oracle policy of ``oracle_run`` on ``tasks``
         (``rollouts`` episodes each, ``horizon`` steps); None without ``oracle_run``.
 
+        ``oracle_run`` is a run folder or checkpoint of ``metarl train --family-opt
+        oracle=true --inner-steps 0`` or of ``metarl oracle`` (which writes both a
+        checkpoint and ``oracle.zip``), or a Stable-Baselines3 PPO model (``.zip``) of the
+        oracle variant with this family's policy architecture.
+
         Raises:
-            ConfigError: ``oracle_run`` is not a checkpoint of this family with ``oracle=true``.
+            ConfigError: ``oracle_run`` is not an oracle policy of this family.
         """
         if self.oracle_run is None:
             return None
-        run = checkpoint.load(self.oracle_run)
-        opts = dict(run.config.family_options)
-        if run.config.family != self.name or not opts.get("oracle"):
-            raise ConfigError(
-                f"oracle_run {self.oracle_run!r} was trained on family {run.config.family!r} "
-                f"with oracle={opts.get('oracle', False)}: train one with metarl train --family "
-                f"{self.name} --family-opt oracle=true --inner-steps 0")
+        from metarl import sb3
+
+        if sb3.is_sb3_model(self.oracle_run):
+            opts, theta = sb3.oracle_policy(self.oracle_run, self)
+        else:
+            run = checkpoint.load(self.oracle_run)
+            opts = dict(run.config.family_options)
+            if run.config.family != self.name or not opts.get("oracle"):
+                raise ConfigError(
+                    f"oracle_run {self.oracle_run!r} was trained on family "
+                    f"{run.config.family!r} with oracle={opts.get('oracle', False)}: train one "
+                    f"with metarl oracle {self.name} --out RUN (or metarl train --family "
+                    f"{self.name} --family-opt oracle=true --inner-steps 0)")
+            theta = run.theta
         opts.update(oracle_run=None, rollouts=self.rl.rollouts, horizon=self.rl.horizon,
                     workers=self.workers)
         oracle = type(self)(**opts)
         batch = oracle.batch_for(tasks, ORACLE_SEED, device=device, dtype=dtype)
-        theta_T = P.expand(P.to(run.theta, device, dtype), len(tasks))
+        theta_T = P.expand(P.to(theta, device, dtype), len(tasks))
         return batch.metric(theta_T, batch.inner_data(theta_T))
 
 

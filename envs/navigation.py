@@ -328,8 +328,10 @@ class Navigation2DBatchEnv:
     def obs_dim(self) -> int:
         return self.env.obs_dim
 
-    def reset(self, tasks: Sequence[Mapping[str, Any]], n_episodes: int, seed: int = 0) -> Tensor:
-        """``obs [T, E, obs_dim]`` for tasks ``[{"goal": [x, y]}, ...]``."""
+    def reset(self, tasks: Sequence[Mapping[str, Any]], n_episodes: int, seed: int = 0, *,
+              offset: int = 0) -> Tensor:
+        """``obs [T, E, obs_dim]`` for tasks ``[{"goal": [x, y]}, ...]`` (every episode
+        starts at the origin: ``seed`` and ``offset`` change nothing)."""
         goals = np.stack([parse_task(t) for t in tasks]) if len(tasks) else np.zeros((0, 2))
         return self.env.reset(goals, n_episodes)
 

@@ -8,7 +8,8 @@ Sections (:data:`SECTIONS`): ``sinusoid`` (the four algorithms at meta-batch
 25, k = 1..40, batched engine versus a per-task loop), ``rl`` (navigation2d
 sampler throughput and MAML-TRPO iterations), ``omniglot`` (5-way 1-shot conv-4,
 batched, chunked and looped), ``locomotion`` (halfcheetah-vel sampler against
-bare ``mj_step``).
+bare ``mj_step``), ``metaworld`` (ML1 reach-v3 sampler against bare Meta-World
+stepping; skipped without the ``metaworld`` extra).
 
 Each section's case list comes at a :data:`Scale`: ``"full"`` (the README's
 numbers), ``"quick"`` (fewer cases and repeats) or ``"tiny"`` (one case per section,
@@ -417,11 +418,83 @@ def locomotion_cases(device: str, scale: Scale) -> Iterator[Case]:
                    options={"workers": workers})
 
 
+def run_metaworld(case: Case) -> Row:
+    """Env-steps/s of the sampler on Meta-World ML1 reach-v3 (policy included: one batched
+    call per step), against bare Meta-World stepping: the same T x E environments, each
+    ``env.step(action)`` called in a loop with precomputed actions, nothing else.
+    Sampler and bare runs alternate; each is the median of ``repeats`` after warm-up.
+    overhead = sampler / bare - 1."""
+    dev = torch.device(case.device)
+    opts = case.options or {}
+    T, E, H = case.meta_batch, int(opts.get("rollouts", 10)), int(opts.get("horizon", 100))
+    workers = int(opts.get("workers", 0))
+    fam = _rl_family("metaworld-ml1", env_name="reach-v3", rollouts=E, horizon=H,
+                     workers=workers)
+    tasks = fam.sample_tasks(T, np.random.default_rng(0))
+    theta_T = P.expand(fam.init_params(torch.Generator().manual_seed(0), dev, torch.float32), T)
+    env = fam.batch_env(dev, torch.float32)
+
+    slots = fam.slots_factory()()  # the bare reference: the same environments, stepped alone
+    slot_tasks, slot_seeds = [t for t in tasks for _ in range(E)], list(range(T * E))
+    slots.reset(slot_tasks, slot_seeds)
+    sims = [sim.env for sim in slots.sims]
+    acts = np.random.default_rng(0).uniform(-1, 1, (H, T * E, 4)).astype(np.float32)
+
+    def sampler_run() -> float:
+        t0 = time.perf_counter()
+        sample(fam.policy(), theta_T, env, tasks, E, H, seed=0)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t0
+
+    def bare_run() -> float:
+        slots.reset(slot_tasks, slot_seeds)  # the start states, untimed
+        t0 = time.perf_counter()
+        for h in range(H):
+            a = acts[h]
+            for k, sim in enumerate(sims):
+                sim.step(a[k])
+        return time.perf_counter() - t0
+
+    for _ in range(case.warmup):  # starts the workers
+        sampler_run()
+        bare_run()
+    timings = [(sampler_run(), bare_run()) for _ in range(case.repeats)]
+    env.close()
+    slots.close()
+    sec = statistics.median(t for t, _ in timings)
+    bare = statistics.median(b for _, b in timings)
+    steps = T * E * H
+    return {"algo": "sampler", "impl": "in-process" if workers == 0 else f"{workers} workers",
+            "T": T, "E": E, "H": H, "sec_per_iter": sec, "env_steps_per_sec": steps / sec,
+            "bare_metaworld_steps_per_sec": steps / bare, "overhead": sec / bare - 1.0}
+
+
+def metaworld_cases(device: str, scale: Scale) -> Iterator[Case]:
+    """ML1 reach-v3 sampling, T = 20 (4 with ``quick``), E = 10, H = 100: in-process and
+    with 2 worker processes (``tiny``: in-process only, T = 1, E = 2, H = 5). None without
+    the ``metaworld`` extra (the section is skipped)."""
+    if importlib.util.find_spec("metaworld") is None:
+        return
+    if scale == "tiny":
+        yield Case(section="metaworld", algo="sampler", k=0, impl="in-process", device=device,
+                   meta_batch=1, repeats=1, warmup=0,
+                   options={"workers": 0, "rollouts": 2, "horizon": 5})
+        return
+    quick = scale == "quick"
+    for workers in (0, 2):
+        yield Case(section="metaworld", algo="sampler", k=0,
+                   impl="in-process" if workers == 0 else f"{workers} workers", device=device,
+                   meta_batch=4 if quick else 20, repeats=2 if quick else 3, warmup=1,
+                   options={"workers": workers, "rollouts": 5 if quick else 10})
+
+
 SECTIONS: dict[str, tuple[Callable[..., Iterator[Case]], Callable[[Case], Row]]] = {
     "sinusoid": (sinusoid_cases, run_sinusoid),
     "rl": (rl_cases, run_rl),
     "omniglot": (omniglot_cases, run_omniglot),
     "locomotion": (locomotion_cases, run_locomotion),
+    "metaworld": (metaworld_cases, run_metaworld),
 }
 """name -> (cases(device, scale[, data]), run(case) -> row)."""
 

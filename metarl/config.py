@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import json
 import sys
 import textwrap
 import types
@@ -104,6 +105,9 @@ class TrainConfig:
     keep_checkpoints: bool = False
     """Also keep each periodic checkpoint as checkpoints/iteration-NNNNNN.pt, to pick an
     iteration on validation tasks (metarl evaluate FILE --seed 1)."""
+    tensorboard: bool = False
+    """Also write every metrics.jsonl row to TensorBoard event files in the run folder
+    (tensorboard --logdir runs); needs the tensorboard extra."""
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
@@ -398,16 +402,23 @@ def upgrade(d: Mapping[str, Any], *, where: str) -> dict[str, Any]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config: top-level keys are TrainConfig fields (``family``,
+    """Read a TOML config (or a run's ``config.json``): top-level keys are TrainConfig fields (``family``,
     ``iterations``, ``algo``, ...), tables ``[inner]``, ``[outer]``, ``[imaml]``,
     ``[trpo]`` and ``[family_options]`` hold the nested settings. Every key is checked."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist: give the path of a TOML file")
     try:
-        values = tomllib.loads(p.read_text())
+        if p.suffix == ".json":  # a run's own config.json: rerun or continue it as it was
+            values = json.loads(p.read_text())
+        else:
+            values = tomllib.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid JSON: {e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {str(p)!r} does not hold a table of settings")
     where = f"config file {str(p)!r}"
     return check_layer(upgrade(values, where=where), where=where)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,8 @@ from metarl.families import Family
 from metarl.inner import InnerConfig, adapt
 from metarl.rl.family import RLFamily
 from metarl.train import train
-from metarl.types import Params, RLTaskBatch, TaskBatch, resolve_device, resolve_dtype
+from metarl.types import (Params, ReportsExtraMetrics, RLTaskBatch, TaskBatch, resolve_device,
+                          resolve_dtype)
 
 TEST_SEED_OFFSET = 1_000_003
 """Test tasks are drawn from ``seed + TEST_SEED_OFFSET``: never the training stream."""
@@ -34,19 +35,28 @@ class Curve:
     n_tasks: int
     per_task: torch.Tensor | None = field(default=None, repr=False)
     """``[n_tasks, K+1]``."""
+    extra: dict[str, Curve] = field(default_factory=dict)
+    """Other metrics of the same adaptation runs, by name (the batch's
+    :meth:`~metarl.types.ReportsExtraMetrics.extra_metrics`, e.g. Meta-World's success rate)."""
 
     @classmethod
-    def from_values(cls, label: str, values: torch.Tensor) -> Curve:
-        """``values [n_tasks, K+1]`` -> mean and 95% CI (1.96 std / sqrt(n))."""
+    def from_values(cls, label: str, values: torch.Tensor,
+                    extra: Mapping[str, torch.Tensor] | None = None) -> Curve:
+        """``values [n_tasks, K+1]`` -> mean and 95% CI (1.96 std / sqrt(n)); ``extra``:
+        name -> ``[n_tasks, K+1]`` of each other metric, summarised the same way."""
         v = values.double()
         n = v.shape[0]
         std = v.std(0, unbiased=True) if n > 1 else torch.zeros(v.shape[1], dtype=v.dtype)
         return cls(label=label, steps=list(range(v.shape[1])), mean=v.mean(0).tolist(),
-                   ci95=(1.96 * std / math.sqrt(n)).tolist(), n_tasks=n, per_task=values)
+                   ci95=(1.96 * std / math.sqrt(n)).tolist(), n_tasks=n, per_task=values,
+                   extra={k: cls.from_values(label, x) for k, x in (extra or {}).items()})
 
     def to_json(self, **head: Any) -> dict[str, Any]:
-        return {**head, "steps": self.steps, "mean": self.mean, "ci95": self.ci95,
-                "n_tasks": self.n_tasks}
+        d = {**head, "steps": self.steps, "mean": self.mean, "ci95": self.ci95,
+             "n_tasks": self.n_tasks}
+        if self.extra:
+            d["extra_metrics"] = {k: c.to_json() for k, c in self.extra.items()}
+        return d
 
 
 @dataclass
@@ -57,6 +67,12 @@ class Scores:
     """``[n_tasks, K+1]`` (CPU, float64)."""
     tasks: list[dict[str, Any]] | None
     """RL: the task specs drawn (for the oracle line); None for supervised families."""
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    """name -> ``[n_tasks, K+1]`` of each extra metric the batches report (CPU, float64)."""
+
+    def curve(self, label: str) -> Curve:
+        """The metric and every extra metric as a :class:`Curve` (mean and 95% CI)."""
+        return Curve.from_values(label, self.values, self.extra)
 
 
 def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int,
@@ -76,39 +92,51 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
     gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
     theta = P.to(P.detach(theta), device, dtype)
     rows, tasks = [], []
+    extra_rows: dict[str, list[torch.Tensor]] = {}
     for start in range(0, n_tasks, chunk):
         T = min(chunk, n_tasks - start)
         batch = family.sample_batch(T, gen, split="test", device=device, dtype=dtype, **overrides)
         prox = (prox_lam, P.expand(theta, T)) if prox_lam else None
-        _, vals = score_while_adapting(batch, P.expand(theta, T), steps, cfg, prox=prox)
+        _, vals, extra = score_while_adapting(batch, P.expand(theta, T), steps, cfg, prox=prox)
         rows.append(torch.stack(vals, 1))  # [T, K+1]
+        for name, v in extra.items():
+            extra_rows.setdefault(name, []).append(torch.stack(v, 1))  # [T, K+1]
         if isinstance(batch, RLTaskBatch):
             tasks += batch.tasks
-    return Scores(torch.cat(rows), tasks if family.kind == "rl" else None)
+    return Scores(torch.cat(rows), tasks if family.kind == "rl" else None,
+                  {name: torch.cat(r) for name, r in extra_rows.items()})
 
 
 def score_while_adapting(batch: TaskBatch, phi: Params, steps: int, cfg: InnerConfig,
-                         prox: tuple[float, Params] | None = None) -> tuple[Params, list[torch.Tensor]]:
+                         prox: tuple[float, Params] | None = None
+                         ) -> tuple[Params, list[torch.Tensor], dict[str, list[torch.Tensor]]]:
     """Take ``steps`` inner steps from ``phi``, scoring before each step and after the last.
 
     RL batches (:class:`~metarl.types.RLTaskBatch`): the score at step j is the return of
     the trajectories phi_j samples to adapt on. Supervised: the metric on the query
-    set; adaptation uses the support set.
+    set; adaptation uses the support set. A batch that reports extra metrics
+    (:class:`~metarl.types.ReportsExtraMetrics`, e.g. Meta-World's success rate) is
+    scored on them on the same data.
 
     Returns:
-        The adapted parameters and ``steps + 1`` per-task scores ``[T]`` (CPU, float64).
+        The adapted parameters, ``steps + 1`` per-task scores ``[T]`` (CPU, float64) and,
+        for each extra metric, its ``steps + 1`` per-task values ``[T]`` by name.
     """
     on_inner = isinstance(batch, RLTaskBatch)
-    vals = []
+    extra_metrics = batch.extra_metrics if isinstance(batch, ReportsExtraMetrics) else None
+    vals: list[torch.Tensor] = []
+    extra: dict[str, list[torch.Tensor]] = {}
     for j in range(steps + 1):
         data = batch.inner_data(phi) if on_inner else None
         with torch.no_grad():
             scored = data if on_inner else batch.outer_data(phi)
             vals.append(batch.metric(phi, scored).double().cpu())
+            for name, v in (extra_metrics(phi, scored) if extra_metrics else {}).items():
+                extra.setdefault(name, []).append(v.double().cpu())
         if j < steps:
             phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)), create_graph=False,
                         data=[data] if on_inner else None, prox=prox).phi
-    return phi, vals
+    return phi, vals, extra
 
 
 def adapt_to_task(family: RLFamily, theta: Params, task: dict[str, Any], *, steps: int,
@@ -117,8 +145,8 @@ def adapt_to_task(family: RLFamily, theta: Params, task: dict[str, Any], *, step
     """Adapt to one task: returns the adapted parameters (no task dim) and the average
     return of the trajectories sampled before each step and after the last."""
     batch = family.batch_for([task], seed, device=device, dtype=dtype, rollouts=rollouts)
-    phi, vals = score_while_adapting(batch, P.expand(P.to(theta, device, dtype), 1), steps,
-                                     InnerConfig(steps=steps, lr=lr))
+    phi, vals, _ = score_while_adapting(batch, P.expand(P.to(theta, device, dtype), 1), steps,
+                                        InnerConfig(steps=steps, lr=lr))
     return {k: v[0].detach() for k, v in phi.items()}, [float(v[0]) for v in vals]
 
 
@@ -130,10 +158,9 @@ def rl_baselines(family: Family, *, scores: Scores, pretrained: Params | None,
     return where the family defines one."""
     rand = family.init_params(torch.Generator().manual_seed(common["seed"] + 12345),
                               common["device"], common["dtype"])
-    curves = [Curve.from_values("random init", adaptation_values(rand, family, **common).values)]
+    curves = [adaptation_values(rand, family, **common).curve("random init")]
     if pretrained is not None:
-        curves.append(Curve.from_values("pretrained",
-                                        adaptation_values(pretrained, family, **common).values))
+        curves.append(adaptation_values(pretrained, family, **common).curve("pretrained"))
     hlines: dict[str, float] = {}
     if isinstance(family, RLFamily) and scores.tasks is not None:
         oracle = family.oracle_returns(scores.tasks, common["device"], common["dtype"])
@@ -167,7 +194,17 @@ class Evaluation:
         start = self.curve.mean[0]
         return [(m - start) / (oracle - start) for m in self.curve.mean]
 
+    def extra_metrics(self) -> dict[str, list[Curve]]:
+        """name -> the curves of each extra metric (success rate, ...): this model's, then
+        the baselines' that report it, in the order of :attr:`baselines`."""
+        return {name: [c.extra[name] for c in [self.curve, *self.baselines] if name in c.extra]
+                for name in self.curve.extra}
+
     def to_json(self) -> dict[str, Any]:
+        """The metric's curve (``steps``, ``mean``, ``ci95``, ``n_tasks``), ``extra_metrics``
+        (name -> the same fields, e.g. ``success``), ``baselines`` (label -> the same,
+        with their own ``extra_metrics``), ``reference_lines``, ``gap_closed`` and
+        ``settings``."""
         d = self.curve.to_json(family=self.family, algo=self.algo, metric=self.metric)
         if self.baselines:
             d["baselines"] = {c.label: c.to_json() for c in self.baselines}
@@ -212,7 +249,7 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
     prox_lam = cfg.imaml.lam if cfg.algo == "imaml" and proximal else None
     scores = adaptation_values(run.theta, family, prox_lam=prox_lam, **common)
     result = Evaluation(family=family.name, algo=cfg.algo, metric=family.metric,
-                        curve=Curve.from_values(cfg.algo, scores.values),
+                        curve=scores.curve(cfg.algo),
                         settings={"n_tasks": n, "steps": k, "lr": list(rates), "seed": seed,
                                   "proximal_lam": prox_lam, "family_options": family.options(),
                                   **overrides})

@@ -24,6 +24,7 @@ import torch
 
 from metarl import params as P
 from metarl.config import Defaults, TrainConfig
+from metarl.distributed import Group
 from metarl.outer import OuterOptimizer
 from metarl.types import ConfigError, Params, TaskBatch
 
@@ -91,8 +92,9 @@ class Family(Protocol):
 class SupportsTRPO(Protocol):
     """A family whose meta-objective TRPO can constrain (``--outer trpo``): RL families."""
 
-    def make_outer(self, cfg: TrainConfig, theta: Params) -> OuterOptimizer:
-        """The TRPO outer optimizer for a run with settings ``cfg``."""
+    def make_outer(self, cfg: TrainConfig, theta: Params, *, group: Group) -> OuterOptimizer:
+        """The TRPO outer optimizer for a run with settings ``cfg``, reducing over the
+        ranks of ``group`` (see :mod:`metarl.distributed`)."""
         ...
 
 

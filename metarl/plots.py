@@ -2,30 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from metarl.checkpoint import atomic_write
 
 
-def _axes():
-    """A fresh 6 x 4 inch figure on the file-only Agg backend."""
+def _axes(ncols: int = 1):
+    """A fresh figure of ``ncols`` 6 x 4 inch panels side by side on the file-only Agg
+    backend: ``(fig, ax)``, or ``(fig, [ax, ...])`` for several panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(6, 4), dpi=120)
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), dpi=120, squeeze=False)
+    return fig, (axes[0, 0] if ncols == 1 else list(axes[0]))
 
 
 def _save(fig, ax, path: str | Path, title: str) -> Path:
-    """Title, grid and legend, then write the PNG atomically and free the figure."""
+    """Title, grid and legend (on each panel when ``ax`` is a list, the title on the
+    first), then write the PNG atomically and free the figure."""
     import matplotlib.pyplot as plt
 
+    panels = ax if isinstance(ax, list) else [ax]
     if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        panels[0].set_title(title)
+    for a in panels:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
@@ -35,7 +40,8 @@ def _save(fig, ax, path: str | Path, title: str) -> Path:
 
 def adaptation_curves(curves: Sequence[object], path: str | Path, *, metric: str,
                       title: str = "", hlines: dict[str, float] | None = None,
-                      reference: dict[str, Sequence[float]] | None = None) -> Path:
+                      reference: dict[str, Sequence[float]] | None = None,
+                      panels: Mapping[str, Sequence[object]] | None = None) -> Path:
     """Metric versus adaptation steps, one line per curve with its 95% CI band.
 
     Args:
@@ -43,24 +49,30 @@ def adaptation_curves(curves: Sequence[object], path: str | Path, *, metric: str
         metric: y-axis label.
         hlines: horizontal reference lines (e.g. an oracle), label -> value.
         reference: published values to mark, label -> value per step (dashed, no band).
+        panels: more metrics of the same runs, each drawn in a panel of its own to the
+            right: name (its y-axis label) -> its curves (e.g. ``{"success": [...]}``).
     """
-    fig, ax = _axes()
-    for c in curves:
-        steps, mean, ci = c.steps, c.mean, c.ci95  # type: ignore[attr-defined]
-        lo = [m - e for m, e in zip(mean, ci)]
-        hi = [m + e for m, e in zip(mean, ci)]
-        (line,) = ax.plot(steps, mean, marker="o", ms=3, label=c.label)  # type: ignore[attr-defined]
-        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+    from matplotlib.ticker import MaxNLocator
+
+    extra = dict(panels or {})
+    fig, axes = _axes(1 + len(extra))
+    panel_axes = axes if isinstance(axes, list) else [axes]
+    for ax, (name, shown) in zip(panel_axes, [(metric, curves), *extra.items()]):
+        for c in shown:
+            steps, mean, ci = c.steps, c.mean, c.ci95  # type: ignore[attr-defined]
+            lo = [m - e for m, e in zip(mean, ci)]
+            hi = [m + e for m, e in zip(mean, ci)]
+            (line,) = ax.plot(steps, mean, marker="o", ms=3, label=c.label)  # type: ignore[attr-defined]
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("adaptation steps")
+        ax.set_ylabel(name)
+    ax = panel_axes[0]
     for label, values in (reference or {}).items():
         ax.plot(range(len(values)), values, ls="--", marker="x", color="gray", label=label)
     for label, y in (hlines or {}).items():
         ax.axhline(y, ls=":", color="black", label=label)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("adaptation steps")
-    ax.set_ylabel(metric)
-    return _save(fig, ax, path, title)
+    return _save(fig, axes, path, title)
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -14,14 +16,16 @@ from typing import Any
 
 import torch
 
-from metarl import checkpoint, families
+from metarl import checkpoint, distributed, families
 from metarl import params as P
 from metarl.algorithms import MetaGrad, meta_grad
 from metarl.config import TrainConfig
 from metarl.families import Family, SupportsTRPO
 from metarl.outer import GradientOuter, OuterOptimizer
-from metarl.types import (ConfigError, Params, RLTaskBatch, RunError, TaskBatch, resolve_device,
-                          resolve_dtype)
+from metarl.rl.family import RLFamily
+from metarl.rl.diagnostics import rl_diagnostics
+from metarl.types import (ConfigError, Params, ReportsExtraMetrics, RLTaskBatch, RunError,
+                          SupportsSelect, TaskBatch, resolve_device, resolve_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +42,37 @@ class RunResult:
     metrics: dict[str, float]
 
 
-def make_outer(cfg: TrainConfig, theta: Params, family: Family) -> OuterOptimizer:
+def make_outer(cfg: TrainConfig, theta: Params, family: Family,
+               group: distributed.Group = distributed.LOCAL) -> OuterOptimizer:
     if cfg.outer.optimizer in ("adam", "sgd"):
         return GradientOuter(theta, cfg.outer.optimizer, cfg.outer.lr)
     if not isinstance(family, SupportsTRPO):
         raise ConfigError(f"outer optimizer {cfg.outer.optimizer!r} is for RL families; family "
                           f"{cfg.family!r} trains with --outer adam or sgd")
-    return family.make_outer(cfg, theta)
+    return family.make_outer(cfg, theta, group=group)
+
+
+def sample_share(family: Family, n: int, generator: torch.Generator, group: distributed.Group,
+                 *, device: torch.device, dtype: torch.dtype) -> TaskBatch:
+    """This rank's share of a meta-batch of ``n`` training tasks.
+
+    Every rank draws the same ``n`` tasks from the shared generator (so the stream
+    stays in step) and keeps :meth:`~metarl.distributed.Group.share` of them: an RL
+    family samples trajectories for its own tasks only, with noise that depends on
+    the task and the seed, not on the split; a supervised batch is split with
+    ``select``.
+    """
+    if group.world == 1:
+        return family.sample_batch(n, generator, split="train", device=device, dtype=dtype)
+    share = group.share(n)
+    if isinstance(family, RLFamily):
+        return family.sample_batch(n, generator, split="train", device=device, dtype=dtype,
+                                   share=share)
+    batch = family.sample_batch(n, generator, split="train", device=device, dtype=dtype)
+    if not isinstance(batch, SupportsSelect):
+        raise ConfigError(f"family {family.name!r} returns {type(batch).__name__}, which cannot "
+                          "be split over processes (it has no select): train it with one process")
+    return batch.select(share)
 
 
 def seeds(seed: int) -> tuple[torch.Generator, torch.Generator]:
@@ -53,11 +81,21 @@ def seeds(seed: int) -> tuple[torch.Generator, torch.Generator]:
 
 
 def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = False,
-          resume: bool = False) -> None:
-    """Raise :class:`ConfigError` for anything that would fail only once the run started."""
+          resume: bool = False, group: distributed.Group = distributed.LOCAL,
+          procs: int | None = None) -> None:
+    """Raise :class:`ConfigError` for anything that would fail only once the run started
+    (``procs``: the number of processes it will run on, when not yet launched)."""
+    world = procs or group.world
+    if world > cfg.meta_batch:
+        raise ConfigError(f"{world} processes for a meta-batch of {cfg.meta_batch} tasks: use at "
+                          f"most --procs {cfg.meta_batch}, or raise --meta-batch")
     resolve_device(cfg.device)
     resolve_dtype(cfg.dtype)
     family.prepare()  # load and check data now, not mid-run
+    if cfg.tensorboard:
+        from metarl.tensorboard import require_tensorboard
+
+        require_tensorboard()  # the optional extra, named in the error when missing
     if cfg.outer.optimizer == "trpo" and not isinstance(family, SupportsTRPO):
         raise ConfigError(f"outer optimizer 'trpo' is for RL families; family {cfg.family!r} "
                           "trains with --outer adam or sgd")
@@ -79,7 +117,8 @@ def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = Fals
         if run.iteration >= cfg.iterations:
             raise ConfigError(f"the run in {str(out)!r} already has {run.iteration} "
                               "iterations: raise --iterations to continue it")
-    check_writable(out)
+    if group.is_main:
+        check_writable(out)
 
 
 def check_writable(folder: Path) -> None:
@@ -156,6 +195,9 @@ def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
             (out / name).unlink(missing_ok=True)
         for kept in (out / KEPT_DIR).glob("iteration-*.pt"):
             kept.unlink()
+        from metarl.tensorboard import clear
+
+        clear(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -173,9 +215,13 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
     family = families.make(cfg.family, **cfg.family_options)
     # every option as resolved, so a later change of a family's defaults leaves the run as trained
     cfg = replace(cfg, family_options=family.options())
-    check(cfg, family, out, overwrite=overwrite, resume=resume)
-    prepare_out(out, overwrite=overwrite, resume=resume)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    group = distributed.init(device)  # the group of one unless launched with several ranks
+    device = distributed.local_device(device)
+    check(cfg, family, out, overwrite=overwrite, resume=resume, group=group)
+    if group.is_main:
+        prepare_out(out, overwrite=overwrite, resume=resume)
+    group.barrier()
     g_init, g_tasks = seeds(cfg.seed)
     theta = P.clone_leaf(family.init_params(g_init, device, dtype))
     run = checkpoint.load(out) if resume else None
@@ -185,43 +231,61 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
         if run.task_rng is not None:
             g_tasks.set_state(run.task_rng)
         start = run.iteration
-    outer = make_outer(cfg, theta, family)
+    outer = make_outer(cfg, theta, family, group)
     if run is not None and run.optimizer:
         outer.load_state_dict(run.optimizer)
-    logged = trim_metrics(out, start) if resume else 0.0  # seconds of training before this run
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    logged = 0.0  # seconds of training before this run
+    if group.is_main:
+        logged = trim_metrics(out, start) if resume else 0.0
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     def compute(th: Params, batch: TaskBatch) -> MetaGrad:
-        return meta_grad(cfg.algo, th, batch, cfg.inner, cfg.imaml, chunk=cfg.task_chunk)
+        mg = meta_grad(cfg.algo, th, batch, cfg.inner, cfg.imaml, chunk=cfg.task_chunk)
+        # this rank's mean over its tasks -> the mean over the whole meta-batch
+        return dataclasses.replace(mg, grad=group.task_mean_params(mg.grad, batch.n_tasks))
 
     def save(iteration: int) -> None:
-        checkpoint.save(out / checkpoint.CHECKPOINT,
-                        checkpoint.Run(theta=theta, config=cfg, iteration=iteration,
-                                       optimizer=outer.state_dict(), task_rng=g_tasks.get_state()))
+        if group.is_main:
+            checkpoint.save(out / checkpoint.CHECKPOINT,
+                            checkpoint.Run(theta=theta, config=cfg, iteration=iteration,
+                                           optimizer=outer.state_dict(),
+                                           task_rng=g_tasks.get_state()))
 
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     it = start
-    with open(out / METRICS, "a") as log_file:
+    board = None
+    if cfg.tensorboard and group.is_main:
+        from metarl.tensorboard import Writer
+
+        board = Writer(out, purge_step=start + 1 if resume else None)
+    with open(out / METRICS, "a") if group.is_main else contextlib.nullcontext() as log_file:
         try:
             for it in range(start + 1, cfg.iterations + 1):
                 t_it = time.perf_counter()
-                batch = family.sample_batch(cfg.meta_batch, g_tasks, split="train", device=device,
-                                            dtype=dtype)
+                batch = sample_share(family, cfg.meta_batch, g_tasks, group, device=device,
+                                     dtype=dtype)
                 mg = outer.step(theta, batch, compute)
                 show = it % max(1, min(cfg.log_every, 10)) == 0 or it == cfg.iterations
                 if show or it % cfg.log_every == 0:
                     metrics = mg.metrics()
                     metrics.update(return_metrics(batch, mg))
                     metrics.update(time_metrics(batch, time.perf_counter() - t_it))
+                    if isinstance(batch, RLTaskBatch):
+                        metrics.update(rl_diagnostics(batch, theta, mg.inner_data,
+                                                      mg.outer_data, batch.sample_seconds))
+                    metrics = group.task_mean_metrics(metrics, batch.n_tasks)
                 if it % cfg.log_every == 0 or it == cfg.iterations:
                     row = {"iteration": it, "seconds": round(logged + time.perf_counter() - t0, 3),
                            **metrics}
-                    log_file.write(json.dumps(row) + "\n")
-                    log_file.flush()
+                    if log_file is not None:
+                        log_file.write(json.dumps(row) + "\n")
+                        log_file.flush()
+                    if board is not None:
+                        board.row(row)
                 if it % cfg.checkpoint_every == 0:
                     save(it)
-                    if cfg.keep_checkpoints:
+                    if cfg.keep_checkpoints and group.is_main:
                         checkpoint.atomic_write(kept_checkpoint(out, it), lambda tmp: shutil.copyfile(
                             out / checkpoint.CHECKPOINT, tmp))
                 if progress is not None:
@@ -229,24 +293,31 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
         except (KeyboardInterrupt, RunError):
             save(it - 1 if it > start else start)  # the last finished, finite iteration
             raise
+        finally:
+            if board is not None:
+                board.close()
     save(cfg.iterations)
     return RunResult(out=out, iterations=cfg.iterations - start,
                      seconds=time.perf_counter() - t0, metrics=metrics)
 
 
 def return_metrics(batch: TaskBatch, mg: MetaGrad) -> dict[str, float]:
-    """RL: mean return of the trajectories before adaptation and after it."""
+    """RL: mean return of the trajectories before adaptation and after it, and likewise
+    every extra metric the batch reports (Meta-World: ``success/pre``, ``success/post``)."""
     if not isinstance(batch, RLTaskBatch):
         return {}
     m: dict[str, float] = {}
     if mg.phi is None:
         return m
+    extra = batch.extra_metrics if isinstance(batch, ReportsExtraMetrics) else None
     with torch.no_grad():
-        if mg.outer_data is not None:
-            m["return/post"] = float(batch.metric(mg.phi, mg.outer_data).mean())
         first = mg.inner_data[0] if mg.inner_data else mg.outer_data
-        if first is not None:
-            m["return/pre"] = float(batch.metric(mg.phi, first).mean())
+        for when, data in (("post", mg.outer_data), ("pre", first)):
+            if data is None:
+                continue
+            m[f"return/{when}"] = float(batch.metric(mg.phi, data).mean())
+            for name, value in (extra(mg.phi, data) if extra is not None else {}).items():
+                m[f"{name}/{when}"] = float(value.mean())
     return m
 
 

@@ -58,6 +58,19 @@ class TaskBatch(Protocol):
 
 
 @runtime_checkable
+class ReportsExtraMetrics(Protocol):
+    """A task batch that reports per-task metrics beside :meth:`TaskBatch.metric`, such as
+    Meta-World's success rate. ``metarl evaluate`` scores each after 0..K adaptation steps
+    like the metric, and training logs each before and after adaptation (``success/pre``,
+    ``success/post``)."""
+
+    def extra_metrics(self, params: Params, data: Data) -> dict[str, Tensor]:
+        """name -> per-task value ``[T]`` on ``data`` (as :meth:`TaskBatch.metric`); empty
+        when the batch has none to report."""
+        ...
+
+
+@runtime_checkable
 class SupportsSelect(Protocol):
     """A task batch that can be split into task chunks (``--task-chunk``)."""
 
@@ -138,8 +151,9 @@ def check_finite(grad: dict[str, Tensor], what: str) -> None:
         return
     for k, ok in zip(grad, finite.tolist()):
         if not ok:
-            raise DivergedError(f"{what} is not finite in {k!r}: lower the inner or outer learning "
-                                "rate (iMAML: raise --lam so that I + H/lam stays positive definite)")
+            raise DivergedError(f"{what} is not finite in {k!r}: lower the inner or outer "
+                                "learning rate (iMAML: raise --lam so that I + H/lam stays "
+                                "positive definite)")
 
 
 def check_task_losses(loss: Tensor, n_tasks: int, what: str) -> Tensor:

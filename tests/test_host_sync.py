@@ -76,8 +76,8 @@ def count_syncs() -> Iterator[SyncCount]:
     count = SyncCount()
     originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
 
-    def counting(name: str, fn):  # noqa: ANN001, ANN202 - wraps any tensor method
-        def wrapper(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def counting(name: str, fn):
+        def wrapper(self, *args, **kwargs):
             if not _optimizer_step_counter(sys._getframe(1)):
                 count.calls[name] += 1
                 count.sites[f"{name} at {_site()}"] += 1
@@ -213,7 +213,7 @@ def _host_env_traffic(horizon: int, T: int = 2, E: int = 3) -> dict[str, list[in
     upload, cpu = S.SlotsBatchEnv._upload, torch.Tensor.cpu
     makers = {name: getattr(torch, name) for name in ("from_numpy", "as_tensor", "tensor")}
 
-    def counted_upload(self, host):  # noqa: ANN001, ANN202
+    def counted_upload(self, host):
         traffic["up"].append(host.nbytes)
         inside_upload[0] = True
         try:
@@ -221,12 +221,12 @@ def _host_env_traffic(horizon: int, T: int = 2, E: int = 3) -> dict[str, list[in
         finally:
             inside_upload[0] = False
 
-    def counted_cpu(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def counted_cpu(self, *args, **kwargs):
         traffic["down"].append(self.nbytes)
         return cpu(self, *args, **kwargs)
 
-    def other(fn):  # noqa: ANN001, ANN202 - a tensor made from host data outside the upload
-        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def other(fn):
+        def wrapper(*args, **kwargs):
             if not inside_upload[0]:
                 traffic["other"].append(1)
             return fn(*args, **kwargs)

@@ -56,7 +56,7 @@ class FloatDtypes(TorchDispatchMode):
         self.wrong: collections.Counter[str] = collections.Counter()
         self.ops = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
         for t in tree_leaves(out):

@@ -96,9 +96,13 @@ class RLBatch:
     """
 
     def __init__(self, policy: Policy, env: BatchEnv, tasks: Sequence[Mapping[str, Any]],
-                 cfg: RLConfig, seed: int, baseline: LinearFeatureBaseline | None = None) -> None:
+                 cfg: RLConfig, seed: int, baseline: LinearFeatureBaseline | None = None, *,
+                 rows: tuple[int, int] | None = None) -> None:
         self.policy, self.env, self.tasks, self.cfg = policy, env, list(tasks), cfg
         self.n_tasks = len(self.tasks)
+        self.rows = rows
+        """``(offset, total)``: the tasks are rows ``offset ..`` of a meta-batch of ``total``
+        split over processes; sampling gives them the trajectories they have in it."""
         self.seed = int(seed)
         self.calls = 0
         self.sample_seconds = 0.0  # wall time spent in the sampler, all calls together
@@ -109,7 +113,7 @@ class RLBatch:
         """Sample with ``params`` (detached) and compute advantages."""
         t0 = time.perf_counter()
         roll = sample(self.policy, P.detach(params), self.env, self.tasks, self.cfg.rollouts,
-                      self.cfg.horizon, self.seed + self.calls)
+                      self.cfg.horizon, self.seed + self.calls, rows=self.rows)
         self.sample_seconds += time.perf_counter() - t0
         self.calls += 1
         return self.process(roll)
@@ -221,3 +225,10 @@ class RLBatch:
     def metric(self, params: Params, data: Trajectories) -> Tensor:
         """Average undiscounted return of the trajectories: ``[T]``."""
         return data.rollouts.mean_return()
+
+    def extra_metrics(self, params: Params, data: Trajectories) -> dict[str, Tensor]:
+        """Per-task rate ``[T]`` of episodes that raised each flag the environments report
+        (:attr:`~metarl.rl.sampler.Rollouts.flags`, e.g. Meta-World's ``success``: the
+        success rate); empty for environments that report none."""
+        r = data.rollouts
+        return {name: hit.to(r.rewards.dtype).mean(-1) for name, hit in r.flags.items()}

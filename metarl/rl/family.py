@@ -33,6 +33,7 @@ from torch import Tensor
 
 from metarl.algorithms.imaml import IMAMLConfig
 from metarl.config import Defaults, EvalDefaults, InnerOverride, OuterConfig, TrainConfig
+from metarl.distributed import LOCAL, Group
 from metarl.families import FamilyBase, FamilyKind
 from metarl.inner import InnerConfig
 from metarl.models.mlp import ACTIVATIONS
@@ -69,7 +70,8 @@ class RLFamily(FamilyBase):
     Subclasses set ``name`` and ``description`` and implement
     :meth:`sample_tasks` and :meth:`make_env`; they may override
     :meth:`batch_env` (tensor physics), :meth:`check_task`,
-    :meth:`oracle_returns` and ``defaults``.
+    :meth:`sample_test_tasks` (held-out test tasks), :meth:`oracle_returns` and
+    ``defaults``.
 
     Args:
         rollouts: trajectories per task per sampling (E).
@@ -144,6 +146,12 @@ class RLFamily(FamilyBase):
         raise NotImplementedError(f"{type(self).__name__} must implement make_env(task)")
 
     # --- optional overrides ---------------------------------------------------
+    def sample_test_tasks(self, n: int, rng: np.random.Generator) -> list[Task]:
+        """``n`` meta-test task specs (``metarl evaluate``) drawn with ``rng``. Default: the
+        distribution of :meth:`sample_tasks` (evaluation draws with a seed that training
+        never uses); a benchmark with held-out test tasks (Meta-World) returns those."""
+        return self.sample_tasks(n, rng)
+
     def batch_env(self, device: torch.device, dtype: torch.dtype) -> BatchEnv:
         """The T x E environments the sampler steps (default: plain Gymnasium envs on CPU,
         in this process or in ``workers`` processes)."""
@@ -236,22 +244,34 @@ class RLFamily(FamilyBase):
         return self._envs[key]
 
     def batch_for(self, tasks: Sequence[Task], seed: int, *, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32, rollouts: int | None = None) -> RLBatch:
-        """An :class:`RLBatch` for given task specs."""
+                  dtype: torch.dtype = torch.float32, rollouts: int | None = None,
+                  rows: tuple[int, int] | None = None) -> RLBatch:
+        """An :class:`RLBatch` for given task specs (``rows``: they are rows ``offset ..``
+        of a batch of ``total`` tasks, see :class:`RLBatch`)."""
         cfg = self.rl if rollouts is None else RLConfig(**{**self.rl.__dict__, "rollouts": rollouts})
         device = torch.device(device)
-        return RLBatch(self.policy(), self._env(device, dtype, len(tasks)), tasks, cfg, seed)
+        return RLBatch(self.policy(), self._env(device, dtype, len(tasks)), tasks, cfg, seed,
+                       rows=rows)
 
     def sample_batch(self, n_tasks: int, generator: torch.Generator, *, split: str = "train",
                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                     rollouts: int | None = None) -> RLBatch:
-        """T tasks from the task distribution (train and test draw from the same one,
-        with different seeds)."""
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        tasks = self.sample_tasks(n_tasks, np.random.default_rng(seed))
-        return self.batch_for(tasks, seed * 1000, device=device, dtype=dtype, rollouts=rollouts)
+                     rollouts: int | None = None, share: slice | None = None) -> RLBatch:
+        """T tasks: :meth:`sample_tasks` for ``split="train"``, :meth:`sample_test_tasks` for
+        ``"test"`` (by default the same distribution, drawn with other seeds).
 
-    def make_outer(self, cfg: TrainConfig, theta: Params) -> TRPO:
-        """TRPO for ``metarl train --outer trpo``, with the run's ``cfg.trpo`` settings."""
+        ``share``: keep only these of the ``n_tasks`` tasks (a rank's share of the
+        meta-batch); their trajectories are those they would have in the whole batch.
+        """
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        draw = self.sample_test_tasks if split == "test" else self.sample_tasks
+        tasks = draw(n_tasks, np.random.default_rng(seed))
+        rows = share.indices(n_tasks) if share is not None else (0, n_tasks, 1)
+        return self.batch_for(tasks[rows[0]:rows[1]], seed * 1000, device=device, dtype=dtype,
+                              rollouts=rollouts, rows=(rows[0], n_tasks))
+
+    def make_outer(self, cfg: TrainConfig, theta: Params, *, group: Group = LOCAL) -> TRPO:
+        """TRPO for ``metarl train --outer trpo``, with the run's ``cfg.trpo`` settings, its
+        reductions over the ranks of ``group``."""
         readapt = make_readapt(cfg.algo, cfg.inner, cfg.imaml.lam)
-        return TRPO(cfg.trpo, readapt, through_adaptation=cfg.algo == "maml", inner=cfg.inner)
+        return TRPO(cfg.trpo, readapt, through_adaptation=cfg.algo == "maml", inner=cfg.inner,
+                    group=group)

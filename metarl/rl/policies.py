@@ -14,7 +14,7 @@ References: Finn et al. 2017 (MAML), section 5.3 and appendix; Duan et al.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -46,8 +46,15 @@ class ActionDist(Protocol):
         """``[T, ...]``."""
         ...
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """One action per distribution, drawn with ``generator`` (no gradient)."""
+    def sample(self, generator: torch.Generator | None = None,
+               rows: tuple[int, int] | None = None) -> Tensor:
+        """One action per distribution, drawn with ``generator`` (no gradient).
+
+        ``rows = (offset, total)``: these T distributions are rows ``offset ..
+        offset + T`` of a batch of ``total``; the noise is drawn for all ``total``
+        and this batch's rows kept, so a task's actions do not depend on how the
+        batch was split (over processes). None: ``(0, T)``.
+        """
         ...
 
     @property
@@ -104,11 +111,11 @@ class DiagGaussian:
         ent = (self.log_std + _HALF_LOG_2PI + 0.5).expand_as(self.mean)
         return ent.sum(-1)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, generator: torch.Generator | None = None,
+               rows: tuple[int, int] | None = None) -> Tensor:
         """``[T, ..., act]``, unclipped (the environment clips)."""
         with torch.no_grad():
-            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                              dtype=self.mean.dtype)
+            eps = _noise(torch.randn, self.mean.shape, rows, generator, self.mean)
             return self.mean + self.std * eps
 
     def kl(self, other: ActionDist) -> Tensor:
@@ -119,6 +126,14 @@ class DiagGaussian:
         t = (self.mean - other.mean) * torch.exp(-other.log_std)  # (m0-m1)/s1
         kl = other.log_std - self.log_std + 0.5 * (var_ratio + t * t) - 0.5
         return kl.sum(-1)
+
+
+def _noise(draw: Callable[..., Tensor], shape: torch.Size, rows: tuple[int, int] | None,
+           generator: torch.Generator | None, like: Tensor) -> Tensor:
+    """``draw(shape)``, or rows ``offset .. offset + T`` of ``draw((total, *shape[1:]))``."""
+    offset, total = rows if rows is not None else (0, shape[0])
+    full = draw((total, *shape[1:]), generator=generator, device=like.device, dtype=like.dtype)
+    return full[offset:offset + shape[0]] if (offset, total) != (0, shape[0]) else full
 
 
 class Categorical:
@@ -142,12 +157,15 @@ class Categorical:
     def entropy(self) -> Tensor:
         return -(self.probs * self.logits).sum(-1)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        """``[T, ...]`` long."""
+    def sample(self, generator: torch.Generator | None = None,
+               rows: tuple[int, int] | None = None) -> Tensor:
+        """``[T, ...]`` long, by inverting the CDF at one uniform draw per distribution (so
+        that, like the Gaussian's, the noise can be drawn for a larger batch)."""
         with torch.no_grad():
-            p = self.probs.reshape(-1, self.logits.shape[-1])
-            a = torch.multinomial(p, 1, generator=generator)  # [N, 1]
-            return a.reshape(self.logits.shape[:-1])
+            u = _noise(torch.rand, self.logits.shape[:-1], rows, generator, self.logits)
+            cdf = self.probs.cumsum(-1)  # [T, ..., n]
+            a = (cdf < u.unsqueeze(-1)).sum(-1)
+            return a.clamp_(max=self.logits.shape[-1] - 1)  # round-off: cdf[-1] may be < u
 
     def kl(self, other: ActionDist) -> Tensor:
         """``KL(self || other)``: ``[T, ...]``."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import gymnasium
@@ -24,8 +24,8 @@ from torch import Tensor
 from metarl.rl.policies import Policy
 from metarl.types import Params
 
-__all__ = ["BatchEnv", "EnvSlots", "GymBatchEnv", "GymSlots", "Rollouts", "SlotError", "SlotsBatchEnv",
-           "sample"]
+__all__ = ["BatchEnv", "EnvSlots", "GymBatchEnv", "GymSlots", "ReportsStepFlags", "Rollouts",
+           "SlotError", "SlotsBatchEnv", "sample"]
 
 Task = Mapping[str, Any]
 
@@ -50,6 +50,9 @@ class Rollouts:
     """``[T, E, H]`` float: 1.0 for steps taken while the episode was alive, else 0.0."""
     log_probs: Tensor
     """``[T, E, H]`` log pi(a|o) under the sampling parameters."""
+    flags: dict[str, Tensor] = field(default_factory=dict)
+    """name -> ``[T, E]`` bool: the env (a :class:`ReportsStepFlags`) raised the flag at some
+    step while the episode was alive, e.g. Meta-World's ``success``. Empty for other envs."""
 
     @property
     def n_tasks(self) -> int:
@@ -81,7 +84,7 @@ class Rollouts:
         def conv(x: Tensor) -> Tensor:
             return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
         return Rollouts(conv(self.obs), conv(self.actions), conv(self.rewards), conv(self.mask),
-                        conv(self.log_probs))
+                        conv(self.log_probs), {k: v.to(device) for k, v in self.flags.items()})
 
 
 @runtime_checkable
@@ -102,12 +105,28 @@ class BatchEnv(Protocol):
 
     def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int) -> Tensor:
         """Start ``n_episodes`` episodes of each task: obs ``[T, E, obs]``.
-        ``seed`` makes random start states reproducible."""
+        ``seed`` makes random start states reproducible.
+
+        An env whose start states are random also takes a keyword ``offset``: the tasks
+        are rows ``offset ..`` of a larger batch (a rank's share of a meta-batch), and
+        each slot starts as it would in the whole batch. The sampler passes it only
+        when it is not 0."""
         ...
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``actions [T, E, act]`` (or ``[T, E]`` long) -> obs ``[T, E, obs]``,
         reward ``[T, E]``, done ``[T, E]`` bool (terminated or truncated)."""
+        ...
+
+
+@runtime_checkable
+class ReportsStepFlags(Protocol):
+    """A :class:`BatchEnv` that also reports per-step event flags, such as Meta-World's
+    ``info["success"]``. The sampler ORs each flag over the steps an episode was alive
+    (:attr:`Rollouts.flags`), on the device: no host read per step."""
+
+    def step_flags(self) -> dict[str, Tensor]:
+        """The flags of the last :meth:`BatchEnv.step`: name -> ``[T, E]`` bool."""
         ...
 
 
@@ -279,16 +298,20 @@ class SlotsBatchEnv:
         self._pinned_np = np.zeros((0, 0))  # its numpy view
         self._copied: Any = None  # CUDA: event of the last upload from it, until waited for
 
-    def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int) -> Tensor:
+    def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int, *,
+              offset: int = 0) -> Tensor:
         """Reset ``len(tasks) * n_episodes`` slots, each with its own seed derived from
-        ``seed`` (``numpy.random.SeedSequence``): obs ``[T, E, obs]``."""
+        ``seed`` (``numpy.random.SeedSequence``): obs ``[T, E, obs]``. With ``offset``
+        the tasks are rows ``offset ..`` of a larger batch and slot ``i`` takes the seed
+        of slot ``offset * E + i`` of that batch."""
         if n_episodes < 1:
             raise ValueError(f"n_episodes must be >= 1, got {n_episodes}")
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         T, E = len(tasks), n_episodes
         self._tasks, self._shape, self._seed = [dict(t) for t in tasks], (T, E), int(seed)
-        self._seeds = np.random.SeedSequence(int(seed)).generate_state(T * E)  # [n] uint32
+        self._seeds = np.random.SeedSequence(int(seed)).generate_state(
+            (offset + T) * E)[offset * E:]  # [n] uint32: a prefix of the whole batch's
         self._step = 0
         obs, self._space = self._reset_slots()  # [n, obs]
         if self._space is not None and not isinstance(
@@ -381,7 +404,7 @@ class SlotsBatchEnv:
             return torch.from_numpy(host).to(device=self.device)
         assert self._pinned is not None and host is self._pinned_np
         out = self._pinned.to(self.device, non_blocking=True)
-        self._copied = torch.cuda.Event()
+        self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self._copied.record()
         return out
 
@@ -423,7 +446,8 @@ class GymBatchEnv(SlotsBatchEnv):
 
 
 def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task],
-           n_episodes: int, horizon: int, seed: int) -> Rollouts:
+           n_episodes: int, horizon: int, seed: int,
+           rows: tuple[int, int] | None = None) -> Rollouts:
     """Sample ``n_episodes`` episodes of ``horizon`` steps for each task.
 
     One loop over time steps, nothing else: at each step one policy call on
@@ -444,6 +468,10 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
         n_episodes: episodes per task ``E`` (>= 1).
         horizon: steps per episode ``H`` (>= 1); episodes still running are truncated.
         seed: seeds the action noise and the environments' resets.
+        rows: ``(offset, total)``: these tasks are rows ``offset ..`` of a batch of
+            ``total`` (a rank's share of a meta-batch); the action noise and the start
+            states are those of these rows in the whole batch, so a task's trajectories do
+            not depend on how the batch is split. None: the whole batch.
 
     Returns:
         :class:`Rollouts` with ``[T, E, H, ...]`` tensors on the parameters' device.
@@ -459,17 +487,22 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seed))
     with torch.no_grad():
-        obs = env.reset(tasks, E, seed).to(device=device, dtype=dtype)  # [T, E, obs]
+        offset, total = rows if rows is not None else (0, T)
+        whole = (offset, total) == (0, T)  # else a share: noise and starts as in the whole batch
+        obs = (env.reset(tasks, E, seed) if whole else
+               env.reset(tasks, E, seed, offset=offset)).to(device=device, dtype=dtype)  # [T, E, obs]
         alive = torch.ones(T, E, dtype=torch.bool, device=device)  # [T, E]
         obs_buf = torch.zeros(T, E, H, obs.shape[-1], dtype=dtype, device=device)  # [T, E, H, obs]
         rew_buf = torch.zeros(T, E, H, dtype=dtype, device=device)  # [T, E, H]
         mask_buf = torch.zeros(T, E, H, dtype=dtype, device=device)  # [T, E, H]
         logp_buf = torch.zeros(T, E, H, dtype=dtype, device=device)  # [T, E, H]
         act_buf: Tensor | None = None  # [T, E, H, act] or [T, E, H], allocated at the first step
+        flag_env = env if isinstance(env, ReportsStepFlags) else None
+        flags: dict[str, Tensor] = {}  # name -> [T, E] bool, see Rollouts.flags
         all_done = getattr(env, "all_done", None)  # host envs: stop early without a device read
         for h in range(H):
             dist = policy.dist(params_T, obs)
-            act = dist.sample(gen)  # [T, E, act] or [T, E]
+            act = dist.sample(gen) if whole else dist.sample(gen, rows=(offset, total))  # [T, E, ...]
             if act_buf is None:
                 act_buf = torch.zeros(T, E, H, *act.shape[2:], dtype=act.dtype, device=device)
             obs_buf[:, :, h] = obs
@@ -477,6 +510,10 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
             logp_buf[:, :, h] = dist.log_prob(act)
             mask_buf[:, :, h] = alive
             obs, reward, done = env.step(act)
+            step_flags = flag_env.step_flags() if flag_env is not None else {}
+            for name, flag in step_flags.items():  # [T, E] bool each
+                hit = flag.to(device) & alive
+                flags[name] = flags[name] | hit if name in flags else hit
             obs = obs.to(device=device, dtype=dtype)
             rew_buf[:, :, h] = reward.to(device=device, dtype=dtype) * alive
             alive = alive & ~done.to(device)
@@ -490,7 +527,7 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
         act_buf = torch.where(live.view(1, 1, H, *([1] * (act_buf.dim() - 3))), act_buf,
                               torch.zeros((), dtype=act_buf.dtype, device=device))
     return Rollouts(obs=obs_buf, actions=act_buf, rewards=rew_buf, mask=mask_buf,
-                    log_probs=logp_buf)
+                    log_probs=logp_buf, flags=flags)
 
 
 class NormalizedActions:
@@ -506,7 +543,10 @@ class NormalizedActions:
         self.high = torch.as_tensor(np.asarray(high, dtype=np.float64))
         self._bounds: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
-    def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int) -> Tensor:
+    def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int, *,
+              offset: int = 0) -> Tensor:
+        if offset:
+            return self.env.reset(tasks, n_episodes, seed, offset=offset)
         return self.env.reset(tasks, n_episodes, seed)
 
     def bounds(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

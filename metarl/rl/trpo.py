@@ -43,6 +43,7 @@ from torch import Tensor
 from metarl import params as P
 from metarl.algorithms.base import MetaGrad
 from metarl.inner import InnerConfig, adapt
+from metarl.distributed import LOCAL, Group
 from metarl.linalg import cg
 from metarl.outer import Compute
 from metarl.types import ConfigError, Data, Params, RLTaskBatch, TaskBatch, check_finite
@@ -129,11 +130,15 @@ class TRPO:
     """
 
     def __init__(self, cfg: TRPOConfig, readapt: Readapt, *, through_adaptation: bool,
-                 inner: InnerConfig | None = None) -> None:
+                 inner: InnerConfig | None = None, group: Group = LOCAL) -> None:
         if through_adaptation and inner is None:
             raise ValueError("TRPO through the adaptation needs the inner config (its learning rates)")
         self.cfg, self.readapt, self.through = cfg, readapt, through_adaptation
         self.readapt_steps = inner or InnerConfig()
+        self.group = group
+        """The ranks sharing the meta-batch: each Fisher-vector product, s^T F s and each
+        candidate's loss and KL are means over all of their tasks, so every rank takes
+        the same step (one process: the group of one, no communication)."""
 
     def fisher_data(self, batch: RLTaskBatch, mg: MetaGrad) -> tuple[list[Data], Data]:
         """The inner and post-adaptation data the Fisher-vector products use: all of
@@ -230,7 +235,12 @@ class TRPO:
         if mg.phi is None or mg.outer_data is None or mg.outer_loss is None:
             raise ConfigError("TRPO needs the adapted parameters and post-adaptation trajectories")
         check_finite(mg.grad, "the meta-gradient")
-        F = self.fisher_vector_product(theta, batch, mg)  # flat v -> (F + damping I) v
+        F_local = self.fisher_vector_product(theta, batch, mg)  # flat v -> (F + damping I) v
+        n, group = batch.n_tasks, self.group
+
+        def F(v: Tensor) -> Tensor:  # over every rank's tasks
+            return group.task_mean(F_local(v), n)
+
         like = P.detach(theta)
         s_tree, indefinite = cg(lambda u: P.unflatten(F(P.flatten(u)), like),
                                 P.scale(P.detach(mg.grad), -1.0), cfg.cg_iters,
@@ -241,7 +251,7 @@ class TRPO:
         else:
             sFs = float(s @ F(s))  # the exact path: one more product
         theta0 = P.flatten(P.detach(theta))
-        L0 = float(mg.outer_loss.mean())
+        L0 = float(group.task_mean(mg.outer_loss.mean(), n))
         accepted, frac, kl_new, L_new = False, 0.0, 0.0, L0
         if sFs > 0 and math.isfinite(sFs):
             full = s * math.sqrt(2 * cfg.max_kl / sFs)
@@ -252,7 +262,8 @@ class TRPO:
                 phi = P.detach(self.readapt(cand, batch, mg.inner_data, False))
                 with torch.no_grad():
                     L_T, kl_T = score(phi)  # [T], [T] on every post-adaptation trajectory
-                    L_new, kl_new = float(L_T.mean()), float(kl_T.mean())
+                    L_new, kl_new = group.task_mean(torch.stack([L_T.mean(), kl_T.mean()]),
+                                                    n).tolist()
                 if L_new < L0 and kl_new <= cfg.max_kl:
                     accepted = True
                     break
