@@ -32,7 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import math

@@ -431,7 +431,7 @@ def resolve(family: Family, *layers: Mapping[str, Any]) -> TrainConfig:
     tree = dataclasses.asdict(d.train)
     tree["family"] = family.name
     given: set[str] = set()
-    for n, layer in enumerate(layers):
+    for layer in layers:
         checked = check_layer(upgrade(layer, where="settings"), where="settings")
         _merge(tree, checked)
         given |= _paths(checked)

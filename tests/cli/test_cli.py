@@ -69,6 +69,7 @@ def test_evaluate_json_and_plot(trained, tmp_path):
     # the checkpoint file itself is accepted too, and the test seed is reproducible
     r2 = run("evaluate", trained / "checkpoint.pt", "--tasks", 50, "--steps", 3, "--shots", 5,
              "--json", tmp_path / "e2.json")
+    assert r2.exit_code == 0, r2.output
     assert json.loads((tmp_path / "e2.json").read_text())["mean"] == d["mean"]
 
 
