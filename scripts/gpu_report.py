@@ -4,7 +4,8 @@ the sinusoid MAML meta-iteration, and the final report (a short table and the fu
     python scripts/gpu_report.py omniglot DIR        # Omniglot-shaped images for the bench
     python scripts/gpu_report.py graphs OUT.json     # eager vs CUDA-graph meta-iteration
     python scripts/gpu_report.py report OUT.json --steps STEPS.json --junit TESTS.xml \
-        --bench BENCH.json --graphs GRAPHS.json
+        --graphs GRAPHS.json --bench BENCH-SECTION.json...
+    python scripts/gpu_report.py step NAME SECONDS STEPS.json -- COMMAND...
 
 The bench's Omniglot rows time the conv-4 on images of Omniglot's shape (28x28 after
 resizing); the pixels do not change the arithmetic, so synthetic characters in the
@@ -60,6 +61,8 @@ def graphs(device_name: str, repeats: int = 50) -> dict[str, Any]:
     from metarl.tasks.sinusoid import SinusoidFamily
 
     dev = torch.device(device_name)
+    if dev.type == "cpu":
+        torch.set_num_threads(1)  # as the bench runs its cases
     fam = SinusoidFamily()
     g = torch.Generator().manual_seed(0)
     inner = InnerConfig(steps=5, lr=0.01)
@@ -129,6 +132,61 @@ def graphs(device_name: str, repeats: int = 50) -> dict[str, Any]:
     return out
 
 
+def step(name: str, limit: float, steps: Path, cmd: list[str]) -> int:
+    """Run ``cmd`` with its output prefixed by ``[name]``, in a process group of its own
+    that is stopped whole (the bench's case processes too) after ``limit`` seconds; record
+    ``{"status", "seconds"}`` under ``name`` in ``steps``. Returns the exit code."""
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    print(f"== {name} (at most {limit:.0f}s): {' '.join(cmd)}", flush=True)
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 0.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            if proc.poll() is None and wait:
+                time.sleep(wait)
+
+    timer = threading.Timer(limit, stop)
+    timer.start()
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        print(f"[{name}] {line}", end="", flush=True)
+    rc = proc.wait()
+    timer.cancel()
+    status = f"timed out after {limit:.0f}s" if timed_out.is_set() else \
+        "ok" if rc == 0 else f"exit {rc}"
+    record = json.loads(steps.read_text()) if steps.exists() else {}
+    record[name] = {"status": status, "seconds": round(time.monotonic() - start, 1)}
+    steps.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"== {name}: {status}", flush=True)
+    return 0 if status == "ok" else 1
+
+
+def merge_bench(paths: list[Path]) -> dict[str, Any]:
+    """One bench result from the per-section JSON files (``machine`` from the first)."""
+    merged: dict[str, Any] = {}
+    for p in paths:
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            merged.setdefault("errors", []).append(f"{p.name}: {type(e).__name__}")
+            continue
+        for k, v in d.items():
+            merged.setdefault(k, v)
+    return merged
+
+
 def junit_summary(path: Path) -> dict[str, Any]:
     """Counts and failed test ids of a pytest junit XML file."""
     if not path.exists():
@@ -162,7 +220,7 @@ def machine() -> dict[str, Any]:
     for name in ("numpy", "gymnasium", "mujoco", "stable_baselines3"):
         try:
             info[name] = __import__(name).__version__
-        except Exception as e:  # noqa: BLE001 - a missing package is a finding
+        except Exception as e:  # a missing or broken package is a finding
             info[name] = f"missing ({type(e).__name__})"
     return info
 
@@ -216,7 +274,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     return lines
 
 
-def report(out: Path, steps: Path, junit: Path, bench: Path, graphs_json: Path) -> int:
+def report(out: Path, steps: Path, junit: Path, bench: list[Path], graphs_json: Path) -> int:
     def load(p: Path) -> dict[str, Any]:
         try:
             return json.loads(p.read_text())
@@ -224,7 +282,7 @@ def report(out: Path, steps: Path, junit: Path, bench: Path, graphs_json: Path) 
             return {"error": f"{p}: {type(e).__name__}"}
 
     result = {"machine": machine(), "steps": load(steps), "tests": junit_summary(junit),
-              "bench": load(bench), "cuda_graphs": load(graphs_json)}
+              "bench": merge_bench(bench), "cuda_graphs": load(graphs_json)}
     out.write_text(json.dumps(result, indent=2) + "\n")
     lines = table(result)
     width = max(len(k) for k, _ in lines)
@@ -247,9 +305,18 @@ def main(argv: list[str]) -> int:
     gr.add_argument("--device", default="cuda")
     r = sub.add_parser("report")
     r.add_argument("out", type=Path)
-    for name in ("steps", "junit", "bench", "graphs"):
+    for name in ("steps", "junit", "graphs"):
         r.add_argument(f"--{name}", type=Path, required=True)
+    r.add_argument("--bench", type=Path, nargs="*", default=[], help="per-section JSON files")
+    st = sub.add_parser("step")
+    st.add_argument("name")
+    st.add_argument("limit", type=float)
+    st.add_argument("steps", type=Path)
+    st.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
+    if args.cmd == "step":
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        return step(args.name, args.limit, args.steps, command)
     if args.cmd == "omniglot":
         synthetic_omniglot(args.dir)
         return 0
