@@ -51,12 +51,14 @@ clean:
 GPU_PYTHON     ?= python3
 GPU_WHEELS     ?= .gpu-wheels
 GPU_PY_VERSION ?= 3.12
+GPU_EXTRAS     ?= mujoco
 
 .PHONY: gpu-wheels gpu-check
 
 gpu-wheels:
 	PYTHON=$(PYTHON) GPU_WHEELS=$(GPU_WHEELS) GPU_PY_VERSION=$(GPU_PY_VERSION) \
-		bash scripts/gpu_check.sh wheels
+		GPU_EXTRAS="$(GPU_EXTRAS)" bash scripts/gpu_check.sh wheels
 
 gpu-check:
-	PYTHON=$(GPU_PYTHON) GPU_WHEELS=$(GPU_WHEELS) bash scripts/gpu_check.sh
+	PYTHON=$(GPU_PYTHON) GPU_WHEELS=$(GPU_WHEELS) GPU_EXTRAS="$(GPU_EXTRAS)" \
+		bash scripts/gpu_check.sh

@@ -21,13 +21,15 @@
 # CPU (the gpu tests skip, the bench runs on cpu), which checks the plumbing.
 #
 # Variables: PYTHON (default python3: the one with torch), GPU_WHEELS (default .gpu-wheels),
-# GPU_PY_VERSION (wheels: default 3.12), GPU_CHECK_JSON, GPU_CHECK_PIP_ARGS (extra pip
+# GPU_PY_VERSION (wheels: default 3.12), GPU_EXTRAS (default "mujoco"; "mujoco metaworld"
+# adds Meta-World to the wheels and the install), GPU_CHECK_JSON, GPU_CHECK_PIP_ARGS (extra pip
 # install arguments, e.g. --user), GPU_CHECK_ALLOW_CPU, GPU_CHECK_LIMITS ("install tests
 # bench graphs" seconds, default "75 120 225 30").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WHEELS=${GPU_WHEELS:-.gpu-wheels}
+extras=${GPU_EXTRAS:-mujoco}  # the extras installed (space-separated): add metaworld for Meta-World
 
 # --- wheels: on a machine with the package index ----------------------------------------
 if [ "${1:-}" = "wheels" ]; then
@@ -51,6 +53,9 @@ if [ "${1:-}" = "wheels" ]; then
         "setuptools>=77" wheel
     # Stable-Baselines3 without its dependencies: they would bring a CUDA build of torch
     "${get[@]}" --no-deps "stable-baselines3>=2.3"
+    if [[ " $extras " == *" metaworld "* ]]; then  # opt-in: 37 MB, and SciPy
+        "${get[@]}" -c "$pins" "metaworld==3.1.1"
+    fi
     rm -f "$pins"
     if ls "$WHEELS" | grep -q '^torch-'; then
         echo "gpu-wheels: a torch wheel came along; remove it: the check keeps the machine's" >&2
@@ -103,7 +108,8 @@ else
 fi
 # shellcheck disable=SC2086  # GPU_CHECK_PIP_ARGS is a list of arguments
 run_step install "$lim_install" "$PYTHON" -m pip install -q --disable-pip-version-check \
-    "${source_args[@]}" -c "$pins" ${GPU_CHECK_PIP_ARGS:-} -e ".[mujoco]" pytest pytest-timeout
+    "${source_args[@]}" -c "$pins" ${GPU_CHECK_PIP_ARGS:-} -e ".[${extras// /,}]" pytest \
+    pytest-timeout
 torch_after=$("$PYTHON" -c 'import torch; print(torch.__version__, torch.__file__)')
 if [ "$torch_before" != "$torch_after" ]; then
     echo "gpu-check: torch changed ($torch_before -> $torch_after): the install must not touch" \
@@ -125,7 +131,7 @@ if [ -z "$data" ]; then
     data=$work/omniglot
     "$PYTHON" scripts/gpu_report.py omniglot "$data"
 fi
-# every section whose optional package is installed (Meta-World is not in the wheels)
+# every section whose optional package is installed (Meta-World only with GPU_EXTRAS)
 read -r -a sections <<< "$("$PYTHON" - <<'PY'
 import importlib.util
 from metarl.bench import SECTIONS

@@ -100,13 +100,16 @@ TRAIN = {  # family -> (family options, settings): two iterations, small but rea
     "navigation2d": ({"rollouts": 4, "horizon": 20, "hidden": [16]}, {"meta_batch": 3}),
     **{name: ({"rollouts": 2, "horizon": 10, "hidden": [16]}, {"meta_batch": 2})
        for name in MUJOCO},
+    "metaworld-ml1": ({"rollouts": 2, "horizon": 10, "hidden": [16]}, {"meta_batch": 2}),
 }
+NEEDS = {**{name: "mujoco" for name in MUJOCO}, "metaworld-ml1": "metaworld"}
+"""The optional package each family needs (the test skips without it)."""
 
 
 @pytest.mark.parametrize("name", sorted(TRAIN))
 def test_every_family_trains_two_iterations(name: str, device: torch.device, tmp_path: Path):
-    if name in MUJOCO:
-        pytest.importorskip("mujoco")
+    if name in NEEDS:
+        pytest.importorskip(NEEDS[name])
     options, settings = TRAIN[name]
     if name == "omniglot":
         options = {**options, "data": omniglot_folder(tmp_path / "omniglot")}
