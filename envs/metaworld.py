@@ -49,6 +49,7 @@ import dataclasses
 import difflib
 import functools
 import importlib
+import inspect
 import numbers
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -200,7 +201,7 @@ class Suite:
             raise ValueError(f"env_name {name!r} is not in {self.benchmark}'s {split} split"
                              f"{hint}: use one of {', '.join(names)}")
         if isinstance(index, bool) or not isinstance(index, numbers.Integral) \
-                or not 0 <= index < N_GOALS:
+                or not 0 <= int(index) < N_GOALS:
             raise ValueError(f"task index {index!r} must be an integer in [0, {N_GOALS}): "
                              f"pass {form}")
         return str(split), str(name), int(index)
@@ -389,11 +390,8 @@ class MetaWorldSlots:
         self._obs = np.zeros((0, 0))  # [n, 39 + 1]
         self._done = np.zeros(0, dtype=bool)  # [n]
         self._t = 0
-        self._space = spaces.Box(-1.0, 1.0, shape=(4,), dtype=np.float32)
-
-    @property
-    def action_space(self) -> spaces.Box:
-        return self._space
+        self.action_space: gymnasium.Space[Any] = spaces.Box(-1.0, 1.0, shape=(4,),
+                                                             dtype=np.float32)
 
     def reset(self, tasks: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> np.ndarray:
         """Start slot ``k`` on ``tasks[k]`` with seed ``seeds[k]``: obs ``[n, 40]``."""
@@ -526,6 +524,10 @@ class MetaWorldFamily(RLFamily):
     def _env_name(self) -> str | None:
         return None
 
+    def prepare(self) -> None:
+        """Check that Meta-World is installed (before a run starts, not at its first step)."""
+        require_metaworld(f"family {self.name!r}")
+
     @property
     def env_id(self) -> str:
         return f"metarl/MetaWorld{self.benchmark}-v0"
@@ -568,9 +570,13 @@ class MetaWorldFamily(RLFamily):
                 "normalize_advantages": self.normalize_advantages}
 
     def describe(self) -> str:
-        s = self.suite
-        return "\n".join([
-            super().describe(),
+        s, c = self.suite, self.rl
+        return "\n".join([  # RLFamily's lines, without building an environment for its spaces
+            inspect.cleandoc(type(self).__doc__ or self.description),
+            f"sampling: {c.rollouts} trajectories per task, horizon {c.horizon}, gamma "
+            f"{c.gamma}, GAE lambda {c.gae_lambda}, inner estimator {c.estimator}",
+            f"policy: Gaussian MLP {'-'.join(map(str, self.hidden))} {self.activation} "
+            "(39 observations, 4 actions)",
             f"environments: {self.env_id}; train: {', '.join(s.env_names('train'))}; test: "
             f"{', '.join(s.env_names('test'))} ({N_GOALS} tasks each, Meta-World's "
             f"{self.benchmark} lists with benchmark seed {self.benchmark_seed})",
