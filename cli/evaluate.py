@@ -48,6 +48,9 @@ def evaluate(
 ) -> None:
     """Adapt to fresh test tasks and report the metric after 0..K steps (mean and 95% CI).
 
+    A family whose batches report more metrics (Meta-World: the success rate) gets a
+    table of each too, in the JSON under extra_metrics and as a panel of the plot.
+
     Example: metarl evaluate runs/sinusoid-maml --shots 5 --steps 10 --plot curve.png
 
     Example: metarl evaluate runs/cheetah-vel --family-opt workers=2 --family-opt oracle_run=runs/cheetah-vel-oracle

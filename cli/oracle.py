@@ -55,8 +55,6 @@ def oracle(
 
         ppo = parse_options(ppo_opt)
         options = parse_options(family_opt)
-        err.print(f"training the PPO oracle of {family} for {timesteps} environment steps "
-                  f"({n_envs} environments) -> {out_dir}", markup=False)
         tty = is_tty()
         with Progress(TextColumn("oracle"), BarColumn(), MofNCompleteColumn(),
                       TimeRemainingColumn(), TextColumn("{task.fields[m]}"), console=err,
@@ -80,7 +78,8 @@ def oracle(
                                           n_envs=n_envs, options=options, ppo_kwargs=ppo,
                                           checkpoint_every=checkpoint_every, resume=resume,
                                           overwrite=overwrite, eval_tasks=eval_tasks,
-                                          progress=progress)
+                                          progress=progress,
+                                          notify=lambda m: err.print(m, markup=False))
             except KeyboardInterrupt:
                 err.print(f"interrupted; the oracle so far is saved in {out_dir} "
                           "(continue it with --resume)", markup=False)

@@ -565,7 +565,8 @@ def train_oracle(name: str, out: str | Path, *, timesteps: int, seed: int = 0,
                  n_envs: int = N_ENVS, options: Mapping[str, Any] | None = None,
                  ppo_kwargs: Mapping[str, Any] | None = None, checkpoint_every: int = 100_000,
                  resume: bool = False, overwrite: bool = False, eval_tasks: int = 0,
-                 progress: Progress | None = None) -> OracleResult:
+                 progress: Progress | None = None,
+                 notify: Callable[[str], None] | None = None) -> OracleResult:
     """Train the oracle of locomotion family ``name`` with SB3 PPO and write a run folder.
 
     PPO trains the family's policy architecture (hidden sizes, activation, initial std) on
@@ -580,6 +581,7 @@ def train_oracle(name: str, out: str | Path, *, timesteps: int, seed: int = 0,
     Args:
         eval_tasks: after training, measure the oracle line on the first this many test
             tasks of ``metarl evaluate`` (seed 0), as ``oracle_returns`` does; 0: skip.
+        notify: receives a line once every setting is checked, before training starts.
 
     Raises:
         ConfigError: not a locomotion family, unknown PPO settings, an occupied ``out``
@@ -604,6 +606,9 @@ def train_oracle(name: str, out: str | Path, *, timesteps: int, seed: int = 0,
     from metarl.train import METRICS, check_writable
 
     check_writable(out)
+    if notify is not None:
+        notify(f"training the PPO oracle of {fam.name} on {fam.env_id} for {timesteps} "
+               f"environment steps ({n_envs} environments) -> {out}")
     env_id, horizon = fam.env_id, fam.rl.horizon
     env = _vec_env(lambda: gymnasium.make(env_id, max_episode_steps=horizon), n_envs, seed)
     logged = 0.0
@@ -699,7 +704,7 @@ def train_oracle(name: str, out: str | Path, *, timesteps: int, seed: int = 0,
     result = OracleResult(out=out, timesteps=int(model.num_timesteps), seconds=seconds(),
                           train_return=rows[-1]["return/train"] if rows else None)
     if eval_tasks:
-        meta = cast(LocomotionFamily, families.make(fam.name, **{**fam.options(), "oracle": False,
+        meta = cast("LocomotionFamily", families.make(fam.name, **{**fam.options(), "oracle": False,
                                                                  "oracle_run": str(out)}))
         tasks = evaluation_tasks(meta, eval_tasks)
         ret = meta.oracle_returns(tasks, torch.device("cpu"), torch.float32)
