@@ -12,8 +12,16 @@ from rich.table import Table
 
 from metarl import checkpoint
 from metarl.checkpoint import Adapted
-from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, UserError, err, out, parse_options,
-                               set_threads, user_errors)
+from metarl.cli.common import (
+    FAMILY_OPT_HELP,
+    THREADS_HELP,
+    UserError,
+    err,
+    out,
+    parse_options,
+    set_threads,
+    user_errors,
+)
 from metarl.cli.settings import DEVICE_HELP, Device
 from metarl.evaluate import adapt_to_task
 from metarl.rl.family import RLFamily

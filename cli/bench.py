@@ -13,10 +13,10 @@ import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from metarl.cli.common import UserError, err, is_tty, out, user_errors
-from metarl.cli.settings import DEVICE_HELP, Device
 from metarl.bench import SECTIONS, Scale, run_in_subprocess
 from metarl.checkpoint import atomic_write
+from metarl.cli.common import UserError, err, is_tty, out, user_errors
+from metarl.cli.settings import DEVICE_HELP, Device
 from metarl.types import resolve_device
 
 

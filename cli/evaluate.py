@@ -13,11 +13,18 @@ from rich.table import Table
 
 from metarl import checkpoint
 from metarl.checkpoint import atomic_write
-from metarl.cli.common import (FAMILY_OPT_HELP, THREADS_HELP, UserError, err, out, parse_options,
-                               set_threads, user_errors)
+from metarl.cli.common import (
+    FAMILY_OPT_HELP,
+    THREADS_HELP,
+    UserError,
+    err,
+    out,
+    parse_options,
+    set_threads,
+    user_errors,
+)
 from metarl.cli.settings import DEVICE_HELP, Device
-from metarl.evaluate import Curve, evaluate_checkpoint
-from metarl.evaluate import Evaluation
+from metarl.evaluate import Curve, Evaluation, evaluate_checkpoint
 from metarl.plots import adaptation_curves
 from metarl.sb3 import SampleEfficiency
 
@@ -137,7 +144,7 @@ def ppo_baseline(run: checkpoint.Run, ev: Evaluation, *, steps: int, n_tasks: in
     table.add_column("task")
     for k in ks:
         table.add_column(f"{ev.algo}, k={k} ({se.meta_steps(k)} steps)", justify="right")
-        table.add_column(f"PPO steps to reach it", justify="right")
+        table.add_column("PPO steps to reach it", justify="right")
     for c in se.curves:
         row = [json.dumps(c.task)]
         for k in ks:

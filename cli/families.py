@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from metarl.cli.common import out, user_errors
 from metarl import families as F
+from metarl.cli.common import out, user_errors
 
 app = typer.Typer(help="List registered task families; `metarl families show NAME` for one.",
                   invoke_without_command=True, no_args_is_help=False)

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from metarl.cli.common import THREADS_HELP, set_threads, err, out, parse_options, user_errors
 from metarl.checkpoint import atomic_write
+from metarl.cli.common import THREADS_HELP, err, out, parse_options, set_threads, user_errors
 from metarl.gradcheck import gradcheck as run_gradcheck
 
 

@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from metarl.cli import (adapt, bench, curve, evaluate, export, families, gradcheck, oracle,
-                        plot, render, train)
+from metarl.cli import (
+    adapt,
+    bench,
+    curve,
+    evaluate,
+    export,
+    families,
+    gradcheck,
+    oracle,
+    plot,
+    render,
+    train,
+)
 
 app = typer.Typer(
     name="metarl",

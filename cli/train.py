@@ -15,12 +15,19 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from metarl.cli.common import (THREADS_HELP, UserError, err, is_tty, parse_options, report,
-                               set_threads, user_errors)
-from metarl.cli.settings import with_settings
-from metarl import checkpoint, distributed
+from metarl import checkpoint, distributed, families
 from metarl import config as C
-from metarl import families
+from metarl.cli.common import (
+    THREADS_HELP,
+    UserError,
+    err,
+    is_tty,
+    parse_options,
+    report,
+    set_threads,
+    user_errors,
+)
+from metarl.cli.settings import with_settings
 from metarl.config import TrainConfig
 from metarl.train import check
 from metarl.train import train as run_training

@@ -85,7 +85,8 @@ def main(iterations: int = 3, out: str = "runs/pendulum-example") -> None:
     run = checkpoint.load(out)  # a typed record: run.theta, run.config, run.iteration, ...
     _, returns = adapt_to_task(family, run.theta, {"g": 12.0}, steps=1, lr=(0.1,), rollouts=4,
                                seed=0, device=torch.device("cpu"), dtype=torch.float32)
-    print(f"return before / after one adaptation step on g = 12: {returns[0]:.1f} / {returns[1]:.1f}")
+    print(f"return before / after one adaptation step on g = 12: {returns[0]:.1f} / "
+          f"{returns[1]:.1f}")
 
 
 if __name__ == "__main__":

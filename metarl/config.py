@@ -111,10 +111,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
-            raise ConfigError(f"unknown algorithm {self.algo!r}: use one of {', '.join(ALGORITHMS)}")
+            raise ConfigError(f"unknown algorithm {self.algo!r}: use one of "
+                              f"{', '.join(ALGORITHMS)}")
         for name in ("iterations", "meta_batch", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                flag = name.replace("_", "-")
+                raise ConfigError(f"{flag} must be >= 1, got {getattr(self, name)}")
         if self.task_chunk is not None and self.task_chunk < 1:
             raise ConfigError(f"task-chunk must be >= 1, got {self.task_chunk}")
         if self.device not in get_args(DeviceName) and not str(self.device).startswith("cuda:"):
@@ -332,7 +334,8 @@ def build(cls: type, tree: Mapping[str, Any], *, where: str) -> Any:
 
 def _merge(into: dict[str, Any], layer: Mapping[str, Any]) -> None:
     for key, value in layer.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict) and key != "family_options":
+        nested = key != "family_options"
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict) and nested:
             _merge(into[key], value)
         elif key == "family_options" and isinstance(into.get(key), dict):
             into[key] = {**into[key], **value}
@@ -402,7 +405,8 @@ def upgrade(d: Mapping[str, Any], *, where: str) -> dict[str, Any]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config (or a run's ``config.json``): top-level keys are TrainConfig fields (``family``,
+    """Read a TOML config (or a run's ``config.json``): top-level keys are TrainConfig fields
+    (``family``,
     ``iterations``, ``algo``, ...), tables ``[inner]``, ``[outer]``, ``[imaml]``,
     ``[trpo]`` and ``[family_options]`` hold the nested settings. Every key is checked."""
     p = Path(path)

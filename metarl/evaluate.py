@@ -17,8 +17,14 @@ from metarl.families import Family
 from metarl.inner import InnerConfig, adapt
 from metarl.rl.family import RLFamily
 from metarl.train import train
-from metarl.types import (Params, ReportsExtraMetrics, RLTaskBatch, TaskBatch, resolve_device,
-                          resolve_dtype)
+from metarl.types import (
+    Params,
+    ReportsExtraMetrics,
+    RLTaskBatch,
+    TaskBatch,
+    resolve_device,
+    resolve_dtype,
+)
 
 TEST_SEED_OFFSET = 1_000_003
 """Test tasks are drawn from ``seed + TEST_SEED_OFFSET``: never the training stream."""

@@ -136,10 +136,12 @@ def fits(family: Family, theta: Params) -> bool:
 def register(name: str, factory: Factory, *, overwrite: bool = False) -> None:
     """Register a family factory under ``name`` (``factory(**options)`` builds it)."""
     if not callable(factory):
-        raise TypeError(f"family factory for {name!r} must be callable, got {type(factory).__name__}")
+        raise TypeError(f"family factory for {name!r} must be callable, got "
+                        f"{type(factory).__name__}")
     _load_entry_points()
     if name in _registry and not overwrite and _registry[name] is not factory:
-        raise ValueError(f"family {name!r} is already registered: pass overwrite=True to replace it")
+        raise ValueError(f"family {name!r} is already registered: pass overwrite=True to "
+                         f"replace it")
     _registry[name] = factory
 
 
@@ -163,7 +165,8 @@ class _LazyEntryPoint:
         try:
             factory = self.ep.load()
         except Exception as e:  # a broken third-party package must not crash `families`
-            raise ConfigError(f"family {self.ep.name!r} failed to load from {self.ep.value}: {e}") from e
+            raise ConfigError(f"family {self.ep.name!r} failed to load from {self.ep.value}: "
+                              f"{e}") from e
         return factory(**options)
 
 
@@ -197,7 +200,8 @@ def _import_factory(spec: str) -> Factory:
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (family {spec!r})") from None
+        raise ConfigError(f"module {module_name!r} has no attribute {attr!r} (family "
+                          f"{spec!r})") from None
 
 
 def make(name: str, **options: Any) -> Family:

@@ -148,7 +148,7 @@ def _unwrap(factory: Callable[..., Any]) -> Callable[..., Any]:
     if lazy is not None and isinstance(factory, lazy):
         try:
             return factory.ep.load()
-        except Exception:  # noqa: BLE001 (reported as a ConfigError when the factory is called)
+        except Exception:
             return factory
     return factory
 
@@ -244,7 +244,7 @@ def _hints(obj: Any, params: Mapping[str, inspect.Parameter]) -> dict[str, Any]:
     """Resolved annotations of ``params``; unresolvable ones are left unchecked."""
     try:
         resolved = typing.get_type_hints(obj)
-    except Exception as e:  # noqa: BLE001 (a name imported only under TYPE_CHECKING, a typo)
+    except Exception as e:
         log.debug("cannot resolve the type hints of %r (%s): its options are not checked", obj, e)
         return {}
     return {n: resolved[n] for n in params if n in resolved}

@@ -45,7 +45,8 @@ def adaptation_curves(curves: Sequence[object], path: str | Path, *, metric: str
     """Metric versus adaptation steps, one line per curve with its 95% CI band.
 
     Args:
-        curves: objects with ``label``, ``steps``, ``mean``, ``ci95`` (:class:`metarl.evaluate.Curve`).
+        curves: objects with ``label``, ``steps``, ``mean``, ``ci95``
+            (:class:`metarl.evaluate.Curve`).
         metric: y-axis label.
         hlines: horizontal reference lines (e.g. an oracle), label -> value.
         reference: published values to mark, label -> value per step (dashed, no band).
@@ -104,7 +105,8 @@ def training_curves(runs: Sequence[tuple[str, Sequence[dict[str, float]]]], keys
             ys = [float(r.get(k, float("nan"))) for r in rows]
             name = f"{label}: {k}" if len(runs) > 1 else k
             if smooth > 1:
-                (line,) = ax.plot(xs, moving_average(ys, smooth), label=f"{name} (mean of {smooth})")
+                (line,) = ax.plot(xs, moving_average(ys, smooth), label=f"{name} (mean of "
+                 f"{smooth})")
                 ax.plot(xs, ys, color=line.get_color(), alpha=0.25, lw=0.8)
             else:
                 ax.plot(xs, ys, label=name)

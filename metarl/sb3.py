@@ -678,7 +678,8 @@ def train_oracle(name: str, out: str | Path, *, timesteps: int, seed: int = 0,
         row = {"iteration": state["updates"] + 1, "seconds": round(seconds(), 3),
                "timesteps": int(model.num_timesteps),
                "return/train": float(np.mean(rets)),
-               "rollout/episode_length": float(np.mean([e["l"] for e in model.ep_info_buffer or ()])),
+               "rollout/episode_length": float(np.mean(
+                   [e["l"] for e in model.ep_info_buffer or ()])),
                "policy/std": std,
                "time/env_steps_per_s": float(model.num_timesteps - state.get("t_steps", 0))
                / max(time.perf_counter() - state.get("t_wall", t0), 1e-9)}

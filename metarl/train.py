@@ -1,4 +1,5 @@
-"""Meta-training: sample a meta-batch, compute the meta-gradient, update theta; log and checkpoint."""
+"""Meta-training: sample a meta-batch, compute the meta-gradient, update theta; log and
+checkpoint."""
 
 from __future__ import annotations
 
@@ -22,10 +23,19 @@ from metarl.algorithms import MetaGrad, meta_grad
 from metarl.config import TrainConfig
 from metarl.families import Family, SupportsTRPO
 from metarl.outer import GradientOuter, OuterOptimizer
-from metarl.rl.family import RLFamily
 from metarl.rl.diagnostics import rl_diagnostics
-from metarl.types import (ConfigError, Params, ReportsExtraMetrics, RLTaskBatch, RunError,
-                          SupportsSelect, TaskBatch, resolve_device, resolve_dtype)
+from metarl.rl.family import RLFamily
+from metarl.types import (
+    ConfigError,
+    Params,
+    ReportsExtraMetrics,
+    RLTaskBatch,
+    RunError,
+    SupportsSelect,
+    TaskBatch,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +296,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                 if it % cfg.checkpoint_every == 0:
                     save(it)
                     if cfg.keep_checkpoints and group.is_main:
-                        checkpoint.atomic_write(kept_checkpoint(out, it), lambda tmp: shutil.copyfile(
+                        checkpoint.atomic_write(kept_checkpoint(out, it),
+                                                lambda tmp: shutil.copyfile(
                             out / checkpoint.CHECKPOINT, tmp))
                 if progress is not None:
                     progress(it, metrics if show else None)

@@ -32,7 +32,8 @@ def train_error(*args):
 
 def test_misspelt_extra_key_is_refused_with_the_close_name(tmp_path):
     # this used to train with max_kl = 0.01 silently
-    line = train_error("--config", toml(tmp_path, "[extra]\nmaxkl = 0.5\n"), "--out", tmp_path / "o")
+    file = toml(tmp_path, "[extra]\nmaxkl = 0.5\n")
+    line = train_error("--config", file, "--out", tmp_path / "o")
     assert "unknown setting 'maxkl'" in line and "did you mean 'max_kl'?" in line
     assert not (tmp_path / "o").exists()
 
@@ -42,7 +43,8 @@ def test_misspelt_extra_key_is_refused_with_the_close_name(tmp_path):
     ("[trpo]\nmax_kll = 0.1\n", ["'trpo.max_kll'", "did you mean 'trpo.max_kl'?"]),
     ("iterations = 'ten'\n", ["iterations", "'ten' is not an integer"]),
     ("keep_checkpoints = 1\n", ["keep_checkpoints", "is not true or false"]),
-    ("algo = 'mamal'\n", ["'mamal' is not one of maml, fomaml, reptile, imaml", "did you mean 'maml'?"]),
+    ("algo = "
+     "'mamal'\n", ["'mamal' is not one of maml, fomaml, reptile, imaml", "did you mean 'maml'?"]),
     ("inner = 3\n", ["inner in config file", "is a table of settings"]),
     ("[outer]\nlr = -1.0\n", ["outer-lr must be > 0"]),
 ])
@@ -56,7 +58,8 @@ def test_config_file_keys_and_values_are_checked(tmp_path, text, fragments):
 def test_nested_tables_and_the_legacy_flat_layout_both_set_settings(tmp_path):
     nav = families.make("navigation2d")
     nested = C.read_config_file(toml(tmp_path, "[trpo]\nmax_kl = 0.5\n[inner]\nlr = 0.2\n"))
-    legacy = C.read_config_file(toml(tmp_path, "inner_lr = 0.2\nouter = 'trpo'\n[extra]\nmax_kl = 0.5\n"))
+    legacy = C.read_config_file(toml(tmp_path, "inner_lr = 0.2\nouter = "
+                                "'trpo'\n[extra]\nmax_kl = 0.5\n"))
     for layer in (nested, legacy):
         cfg = C.resolve(nav, layer)
         assert (cfg.trpo.max_kl, cfg.inner.lr, cfg.outer.optimizer) == (0.5, 0.2, "trpo")

@@ -73,7 +73,8 @@ def user_package(tmp_path, monkeypatch):
     dist = tmp_path / "userfam-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: userfam\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[metarl.families]\nwide-sinusoid = userfam:WideSinusoid\n")
+    (dist / "entry_points.txt").write_text(
+        "[metarl.families]\nwide-sinusoid = userfam:WideSinusoid\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(families, "_loaded_entry_points", False)
     yield

@@ -26,7 +26,7 @@ class Toy:
                  sizes: Sequence[int] = (4, 4), pair: tuple[int, float] = (1, 0.5),
                  widths: tuple[int, ...] = (), tags: list[str] | None = None,
                  paths: str | Sequence[str] | None = None, table: dict[str, float] | None = None,
-                 anything=None, lying: int = None) -> None:  # noqa: RUF013 (on purpose)
+                 anything=None, lying: int = None) -> None:
         self.kw = dict(locals())
 
 
@@ -206,7 +206,8 @@ def test_require():
 # --- through families.make ----------------------------------------------------------
 
 def test_make_checks_before_building_and_converts():
-    with pytest.raises(ConfigError, match="family 'sinusoid' option shots=1.5: expected an integer"):
+    with pytest.raises(ConfigError, match="family 'sinusoid' option shots=1.5: expected an "
+                       "integer"):
         families.make("sinusoid", shots=1.5)
     assert families.make("sinusoid", shots=5.0).shots == 5
 

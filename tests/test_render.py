@@ -6,13 +6,13 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before MuJoCo is first imported in this process
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image, ImageSequence  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image, ImageSequence
+from typer.testing import CliRunner
 
-from metarl import checkpoint, render  # noqa: E402
-from metarl.cli.main import app  # noqa: E402
+from metarl import checkpoint, render
+from metarl.cli.main import app
 
 runner = CliRunner()
 

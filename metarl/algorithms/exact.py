@@ -13,7 +13,6 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-
 import torch
 from torch import Tensor
 

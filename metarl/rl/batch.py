@@ -52,12 +52,14 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         if self.rollouts < 1 or self.horizon < 1:
-            raise ConfigError(f"rollouts and horizon must be >= 1, got {self.rollouts}, {self.horizon}")
+            raise ConfigError(f"rollouts and horizon must be >= 1, got {self.rollouts}, "
+                              f"{self.horizon}")
         if not 0 < self.gamma <= 1 or not 0 <= self.gae_lambda <= 1:
             raise ConfigError(f"need 0 < gamma <= 1 and 0 <= gae_lambda <= 1, got {self.gamma}, "
                               f"{self.gae_lambda}")
         if self.estimator not in ESTIMATORS:
-            raise ConfigError(f"unknown estimator {self.estimator!r}: use one of {', '.join(ESTIMATORS)}")
+            raise ConfigError(f"unknown estimator {self.estimator!r}: use one of "
+                              f"{', '.join(ESTIMATORS)}")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ implementation by overriding :meth:`RLFamily.batch_env`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
@@ -96,7 +97,8 @@ class RLFamily(FamilyBase):
     defaults = RL_DEFAULTS
     default_horizon = 100
     default_hidden: tuple[int, ...] = (64, 64)
-    """The PyTorch port's policy (the paper used 2 x 100 ReLU: hidden=[100,100], activation=relu)."""
+    """The PyTorch port's policy (the paper used 2 x 100 ReLU: hidden=[100,100],
+    activation=relu)."""
     default_activation = "tanh"
     default_normalize_actions = False
 
@@ -166,7 +168,8 @@ class RLFamily(FamilyBase):
         return functools.partial(GymSlots, self.make_env)
 
     def check_task(self, task: Any) -> Task:
-        """Validate a user's task spec (``metarl adapt --task``); raise ValueError naming the fix."""
+        """Validate a user's task spec (``metarl adapt --task``); raise ValueError naming the
+        fix."""
         if not isinstance(task, Mapping):
             raise ValueError(f"a task spec is a JSON object, got {type(task).__name__}")
         return dict(task)
@@ -248,7 +251,7 @@ class RLFamily(FamilyBase):
                   rows: tuple[int, int] | None = None) -> RLBatch:
         """An :class:`RLBatch` for given task specs (``rows``: they are rows ``offset ..``
         of a batch of ``total`` tasks, see :class:`RLBatch`)."""
-        cfg = self.rl if rollouts is None else RLConfig(**{**self.rl.__dict__, "rollouts": rollouts})
+        cfg = self.rl if rollouts is None else dataclasses.replace(self.rl, rollouts=rollouts)
         device = torch.device(device)
         return RLBatch(self.policy(), self._env(device, dtype, len(tasks)), tasks, cfg, seed,
                        rows=rows)

@@ -179,7 +179,8 @@ class GymSlots:
         task_option: switch tasks with ``reset(options={"task": spec})``.
     """
 
-    def __init__(self, make_env: Callable[[Task], gymnasium.Env], task_option: bool = False) -> None:
+    def __init__(self, make_env: Callable[[Task], gymnasium.Env],
+                 task_option: bool = False) -> None:
         self.make_env, self.task_option = make_env, task_option
         self.envs: list[gymnasium.Env] = []
         self.specs: list[Task] = []
@@ -490,7 +491,8 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
         offset, total = rows if rows is not None else (0, T)
         whole = (offset, total) == (0, T)  # else a share: noise and starts as in the whole batch
         obs = (env.reset(tasks, E, seed) if whole else
-               env.reset(tasks, E, seed, offset=offset)).to(device=device, dtype=dtype)  # [T, E, obs]
+               # [T, E, obs]
+               env.reset(tasks, E, seed, offset=offset)).to(device=device, dtype=dtype)
         alive = torch.ones(T, E, dtype=torch.bool, device=device)  # [T, E]
         obs_buf = torch.zeros(T, E, H, obs.shape[-1], dtype=dtype, device=device)  # [T, E, H, obs]
         rew_buf = torch.zeros(T, E, H, dtype=dtype, device=device)  # [T, E, H]
@@ -502,7 +504,8 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
         all_done = getattr(env, "all_done", None)  # host envs: stop early without a device read
         for h in range(H):
             dist = policy.dist(params_T, obs)
-            act = dist.sample(gen) if whole else dist.sample(gen, rows=(offset, total))  # [T, E, ...]
+            # [T, E, ...]
+            act = dist.sample(gen) if whole else dist.sample(gen, rows=(offset, total))
             if act_buf is None:
                 act_buf = torch.zeros(T, E, H, *act.shape[2:], dtype=act.dtype, device=device)
             obs_buf[:, :, h] = obs

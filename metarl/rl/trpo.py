@@ -42,8 +42,8 @@ from torch import Tensor
 
 from metarl import params as P
 from metarl.algorithms.base import MetaGrad
-from metarl.inner import InnerConfig, adapt
 from metarl.distributed import LOCAL, Group
+from metarl.inner import InnerConfig, adapt
 from metarl.linalg import cg
 from metarl.outer import Compute
 from metarl.types import ConfigError, Data, Params, RLTaskBatch, TaskBatch, check_finite
@@ -55,7 +55,8 @@ FISHER_SUBSAMPLE = 1.0
 """Default share of trajectories for the Fisher-vector products (see :class:`TRPOConfig`)."""
 
 Readapt = Callable[[Params, TaskBatch, list[Data], bool], Params]
-"""``(theta, batch, inner_data, create_graph) -> phi``: the algorithm's inner loop on stored data."""
+"""``(theta, batch, inner_data, create_graph) -> phi``: the algorithm's inner loop on stored
+data."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,12 +80,14 @@ class TRPOConfig:
 
     def __post_init__(self) -> None:
         if self.max_kl <= 0 or self.cg_iters < 1 or self.damping < 0 or self.ls_steps < 1:
-            raise ConfigError("TRPO needs max_kl > 0, cg_iters >= 1, damping >= 0 and ls_steps >= 1, "
-                              f"got {self.max_kl}, {self.cg_iters}, {self.damping}, {self.ls_steps}")
+            raise ConfigError("TRPO needs max_kl > 0, cg_iters >= 1, damping >= 0 and "
+                              f"ls_steps >= 1, got {self.max_kl}, {self.cg_iters}, "
+                              f"{self.damping}, {self.ls_steps}")
         if not 0 < self.ls_backtrack < 1:
             raise ConfigError(f"TRPO ls_backtrack must be in (0, 1), got {self.ls_backtrack}")
         if not 0 < self.fisher_subsample <= 1:
-            raise ConfigError(f"TRPO fisher_subsample must be in (0, 1], got {self.fisher_subsample}: "
+            raise ConfigError(f"TRPO fisher_subsample must be in (0, 1], got "
+                              f"{self.fisher_subsample}: "
                               "it is the share of each task's trajectories the Fisher uses "
                               "(1.0: all of them)")
 
@@ -132,7 +135,8 @@ class TRPO:
     def __init__(self, cfg: TRPOConfig, readapt: Readapt, *, through_adaptation: bool,
                  inner: InnerConfig | None = None, group: Group = LOCAL) -> None:
         if through_adaptation and inner is None:
-            raise ValueError("TRPO through the adaptation needs the inner config (its learning rates)")
+            raise ValueError("TRPO through the adaptation needs the inner config (its learning "
+                             "rates)")
         self.cfg, self.readapt, self.through = cfg, readapt, through_adaptation
         self.readapt_steps = inner or InnerConfig()
         self.group = group

@@ -95,7 +95,8 @@ class OmniglotFamily(FamilyBase):
         self.eval_data = _paths(eval_data)
         self.ways, self.shots, self.query = int(ways), int(shots), int(query)
         self.split, self.split_seed, self.transductive = split, int(split_seed), bool(transductive)
-        self.cache_dir, self.filters, self.downsample, self.impl = cache_dir, int(filters), downsample, impl
+        self.cache_dir, self.filters = cache_dir, int(filters)
+        self.downsample, self.impl = downsample, impl
         try:
             self.model = ConvNet(self.ways, filters=self.filters, downsample=downsample, impl=impl)
         except ValueError as e:

@@ -78,9 +78,12 @@ class SinusoidFamily(FamilyBase):
         lo, hi = self.amplitude
         return "\n".join([
             "y = A sin(x + p)",
-            f"  amplitude A ~ U[{lo}, {hi}], phase p ~ U[0, pi], x ~ U[{self.x_range[0]}, {self.x_range[1]}]",
-            f"  support K = {self.shots} points, query {self.query} points (test: {self.eval_query})",
-            f"  model: MLP 1-{'-'.join(map(str, self.hidden))}-1, {self.activation}; loss and metric: MSE",
+            f"  amplitude A ~ U[{lo}, {hi}], phase p ~ U[0, pi], x ~ U[{self.x_range[0]}, "
+            f"{self.x_range[1]}]",
+            f"  support K = {self.shots} points, query {self.query} points (test: "
+            f"{self.eval_query})",
+            f"  model: MLP 1-{'-'.join(map(str, self.hidden))}-1, {self.activation}; loss and "
+            f"metric: MSE",
             "  test tasks: same distribution, drawn with a separate test seed",
         ])
 

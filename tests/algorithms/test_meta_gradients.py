@@ -179,7 +179,7 @@ def test_recorder_replays_sampled_data():
         def outer_data(self, p):
             return batch.query
 
-        inner_loss = outer_loss = lambda self, p, d: batch.inner_loss(p, d)  # noqa: E731
+        inner_loss = outer_loss = lambda self, p, d: batch.inner_loss(p, d)
 
     rec = exact.Recorder(Sampling())
     inner = InnerConfig(steps=3, lr=0.02)

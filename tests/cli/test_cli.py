@@ -7,9 +7,9 @@ import torch
 from typer.testing import CliRunner
 
 from metarl import checkpoint, families
+from metarl.cli.main import app
 from metarl.train import read_metrics
 from metarl.types import ConfigError
-from metarl.cli.main import app
 
 runner = CliRunner()
 
@@ -131,7 +131,8 @@ def test_resume_drops_rows_past_the_checkpoint_and_counts_seconds_on(tmp_path):
     args = ["train", "--family", "sinusoid", "--family-opt", "hidden=[4]", "--log-every", 1,
             "--checkpoint-every", 5, "--out", out, "--iterations"]
     assert run(*args, 5).exit_code == 0
-    with open(out / "metrics.jsonl", "a") as f:  # an unclean stop logged an iteration the checkpoint lacks
+    # an unclean stop logged an iteration the checkpoint lacks
+    with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"iteration": 6, "seconds": 99.0}) + "\n")
     assert run(*args, 8, "--resume").exit_code == 0
     rows = read_metrics(out)
@@ -213,7 +214,8 @@ def test_sigterm_checkpoints_the_last_finished_iteration(tmp_path):
 
 @pytest.mark.parametrize("args, fragments", [
     (["train", "--family", "sinusiod"], ["unknown family 'sinusiod'", "did you mean 'sinusoid'"]),
-    (["train", "--family", "sinusoid", "--outer", "trpo", "--iterations", 1], ["trpo", "adam or sgd"]),
+    (["train", "--family", "sinusoid", "--outer", "trpo", "--iterations", 1],
+     ["trpo", "adam or sgd"]),
     (["train", "--device", "cuda", "--iterations", 1], ["CUDA is not available"]),
     (["train", "--inner-lr", "-1", "--iterations", 1], ["inner lr must be positive"]),
     (["train", "--family-opt", "oops"], ["is not KEY=VALUE"]),
@@ -224,7 +226,8 @@ def test_sigterm_checkpoints_the_last_finished_iteration(tmp_path):
     (["bench", "--section", "nope"], ["unknown bench section"]),
 ])
 def test_bad_input_gives_one_line_and_exit_2(args, fragments, tmp_path):
-    one_line_error(run(*args, *(["--out", tmp_path / "o"] if args[0] == "train" else [])), *fragments)
+    out = ["--out", tmp_path / "o"] if args[0] == "train" else []
+    one_line_error(run(*args, *out), *fragments)
 
 
 @pytest.mark.parametrize("option, value, choices", [
@@ -291,8 +294,10 @@ def test_imaml_takes_the_familys_own_inner_loop():
     assert (cfg.inner.steps, cfg.inner.lr) == (3, 0.1)
     cfg = C.resolve(fam, {"algo": "maml"})
     assert (cfg.inner.steps, cfg.inner.lr, cfg.meta_batch) == (1, 0.4, 32)
-    nav = families.make("navigation2d")  # RL: Reptile and iMAML need k > 1, MAML keeps the paper's 1
-    assert [C.resolve(nav, {"algo": a}).inner.steps for a in ("maml", "reptile", "imaml")] == [1, 3, 3]
+    # RL: Reptile and iMAML need k > 1, MAML keeps the paper's 1
+    nav = families.make("navigation2d")
+    steps = [C.resolve(nav, {"algo": a}).inner.steps for a in ("maml", "reptile", "imaml")]
+    assert steps == [1, 3, 3]
 
 
 def test_plot_overlays_evaluations(trained, tmp_path):
@@ -305,7 +310,8 @@ def test_plot_overlays_evaluations(trained, tmp_path):
     r = run("plot", *paths, "--out", tmp_path / "both.png", "--label", "a", "--label", "b")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
-    one_line_error(run("plot", paths[0], "--out", tmp_path / "x.png", "--label", "a", "--label", "b"),
+    one_line_error(run("plot", paths[0], "--out", tmp_path / "x.png", "--label", "a",
+                       "--label", "b"),
                    "give one per file")
     (tmp_path / "bad.json").write_text("{}")
     one_line_error(run("plot", tmp_path / "bad.json", "--out", tmp_path / "x.png"),

@@ -18,15 +18,15 @@ from typer.testing import CliRunner
 
 pytest.importorskip("mujoco")
 
-from gymnasium.utils.env_checker import check_env  # noqa: E402
+from gymnasium.utils.env_checker import check_env
 
-import metarl.envs.locomotion as loco  # noqa: E402
-from metarl import families  # noqa: E402
-from metarl import params as P  # noqa: E402
-from metarl.rl.family import RLFamily  # noqa: E402
-from metarl.rl.sampler import sample  # noqa: E402
-from metarl.rl.workers import GymSlots, WorkerBatchEnv, WorkerError  # noqa: E402
-from metarl.types import ConfigError  # noqa: E402
+import metarl.envs.locomotion as loco
+from metarl import families
+from metarl import params as P
+from metarl.rl.family import RLFamily
+from metarl.rl.sampler import sample
+from metarl.rl.workers import GymSlots, WorkerBatchEnv, WorkerError
+from metarl.types import ConfigError
 
 FAMILIES = {"halfcheetah-vel": "HalfCheetahVel", "halfcheetah-dir": "HalfCheetahDir",
             "ant-vel": "AntVel", "ant-dir": "AntDir"}

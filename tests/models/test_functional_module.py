@@ -8,7 +8,7 @@ from torch import nn
 
 from metarl import params as P
 from metarl.algorithms import exact, imaml, maml
-from metarl.inner import InnerConfig, adapt
+from metarl.inner import InnerConfig
 from metarl.models import FunctionalModule
 from metarl.models.conv import ConvNet
 from metarl.models.mlp import MLP

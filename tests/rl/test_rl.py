@@ -8,9 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from metarl import checkpoint
+from metarl import checkpoint, families
 from metarl import config as C
-from metarl import families
 from metarl import params as P
 from metarl.algorithms import exact, maml, meta_grad
 from metarl.cli.main import app
@@ -46,7 +45,8 @@ def test_outer_trajectories_are_resampled_with_the_adapted_policy():
     fam, theta, g = nav()
     batch = fam.sample_batch(3, g)
     mg = maml.meta_grad(theta, batch, InnerConfig(steps=2, lr=0.1))
-    inner0, inner1, outer = mg.inner_data[0].rollouts, mg.inner_data[1].rollouts, mg.outer_data.rollouts
+    inner0, inner1 = mg.inner_data[0].rollouts, mg.inner_data[1].rollouts
+    outer = mg.outer_data.rollouts
     assert not torch.equal(inner0.actions, outer.actions)
     assert not torch.equal(inner1.actions, outer.actions)
     policy = fam.policy()
@@ -145,7 +145,8 @@ def test_dice_and_lvc_curvature_is_unbiased_on_a_bandit():
         b = RLBatch(pol, Bandit(), [{}], cfg, seed=3)
         th = P.detach(P.expand(theta, 1), True)
         d = b.inner_data(th)
-        d = type(d)(d.rollouts, d.rollouts.rewards, d.discounted_rewards, 0 * d.values)  # no baseline
+        # no baseline
+        d = type(d)(d.rollouts, d.rollouts.rewards, d.discounted_rewards, 0 * d.values)
         g = P.grads(b.inner_loss(th, d).sum(), th, create_graph=True)["l0.b"]
         h = P.grads(g.sum(), th)["l0.b"]
         res[est] = -float(h)  # Hessian of the objective J = -loss

@@ -37,7 +37,7 @@ def head(d: Trajectories, n: int) -> Trajectories:
     r = d.rollouts
     roll = Rollouts(obs=r.obs[:, :n], actions=r.actions[:, :n], rewards=r.rewards[:, :n],
                     mask=r.mask[:, :n], log_probs=r.log_probs[:, :n],
-                    **{f: getattr(r, f) for f in getattr(r, "__dataclass_fields__")
+                    **{f: getattr(r, f) for f in r.__dataclass_fields__
                        if f not in ("obs", "actions", "rewards", "mask", "log_probs")})
     return Trajectories(roll, d.advantages[:, :n], d.discounted_rewards[:, :n], d.values[:, :n])
 
