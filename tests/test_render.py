@@ -9,25 +9,9 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # before MuJoCo is first imported in 
 import numpy as np
 import pytest
 from PIL import Image, ImageSequence
-from typer.testing import CliRunner
 
 from metarl import checkpoint, render
-from metarl.cli.main import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
+from tests.cli_run import one_line_error, run
 
 
 def gif_frames(path):

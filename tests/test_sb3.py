@@ -9,31 +9,17 @@ import gymnasium
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from metarl import checkpoint, families
 from metarl import params as P
-from metarl.cli.main import app
 from metarl.types import ConfigError
 
 sb3_lib = pytest.importorskip("stable_baselines3")
 from metarl import sb3  # noqa: E402
+from tests.cli_run import one_line_error, run  # noqa: E402
 
-runner = CliRunner()
 CPU = torch.device("cpu")
 
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
 
 
 def perturbed_theta(family, seed=0):

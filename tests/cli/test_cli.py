@@ -4,27 +4,11 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from metarl import checkpoint, families
-from metarl.cli.main import app
 from metarl.train import read_metrics
 from metarl.types import ConfigError
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
+from tests.cli_run import one_line_error, run
 
 
 def parser_error(result, *fragments):

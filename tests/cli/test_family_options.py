@@ -2,25 +2,8 @@
 no traceback, and nothing trained (the checks run before the family is built)."""
 
 import pytest
-from typer.testing import CliRunner
 
-from metarl.cli.main import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output  # also: no "training ..." line, nothing ran
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for f in fragments:
-        assert f in lines[0], lines[0]
+from tests.cli_run import one_line_error, run
 
 
 @pytest.mark.parametrize("family, opt, fragments", [
