@@ -387,19 +387,28 @@ def run_locomotion(case: Case) -> Row:
                 mj_step(models[k], datas[k], nstep=frame_skip)
         return time.perf_counter() - t0
 
+    try:
+        return _sampler_row(case, sampler_run, raw_run, "raw_mj_step_per_sec", T, E, H, workers)
+    finally:
+        close = getattr(env, "close", None)
+        if close is not None:
+            close()
+
+
+def _sampler_row(case: Case, sampler_run: Callable[[], float], ref_run: Callable[[], float],
+                 ref_key: str, T: int, E: int, H: int, workers: int) -> Row:
+    """The sampler against a bare-stepping reference, runs alternating (warm-up first): the
+    medians of ``case.repeats`` each, as env-steps/s and the sampler's overhead."""
     for _ in range(case.warmup):  # starts the workers, loads kernels
         sampler_run()
-        raw_run()
-    timings = [(sampler_run(), raw_run()) for _ in range(case.repeats)]
-    close = getattr(env, "close", None)
-    if close is not None:
-        close()
+        ref_run()
+    timings = [(sampler_run(), ref_run()) for _ in range(case.repeats)]
     sec = statistics.median(t for t, _ in timings)
-    raw = statistics.median(r for _, r in timings)
+    ref = statistics.median(r for _, r in timings)
     steps = T * E * H
     return {"algo": "sampler", "impl": "in-process" if workers == 0 else f"{workers} workers",
             "T": T, "E": E, "H": H, "sec_per_iter": sec, "env_steps_per_sec": steps / sec,
-            "raw_mj_step_per_sec": steps / raw, "overhead": sec / raw - 1.0}
+            ref_key: steps / ref, "overhead": sec / ref - 1.0}
 
 
 def locomotion_cases(device: str, scale: Scale) -> Iterator[Case]:
@@ -459,18 +468,12 @@ def run_metaworld(case: Case) -> Row:
                 sim.step(a[k])
         return time.perf_counter() - t0
 
-    for _ in range(case.warmup):  # starts the workers
-        sampler_run()
-        bare_run()
-    timings = [(sampler_run(), bare_run()) for _ in range(case.repeats)]
-    env.close()
-    slots.close()
-    sec = statistics.median(t for t, _ in timings)
-    bare = statistics.median(b for _, b in timings)
-    steps = T * E * H
-    return {"algo": "sampler", "impl": "in-process" if workers == 0 else f"{workers} workers",
-            "T": T, "E": E, "H": H, "sec_per_iter": sec, "env_steps_per_sec": steps / sec,
-            "bare_metaworld_steps_per_sec": steps / bare, "overhead": sec / bare - 1.0}
+    try:
+        return _sampler_row(case, sampler_run, bare_run, "bare_metaworld_steps_per_sec", T, E, H,
+                            workers)
+    finally:
+        env.close()
+        slots.close()
 
 
 def metaworld_cases(device: str, scale: Scale) -> Iterator[Case]:
