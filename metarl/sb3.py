@@ -873,6 +873,18 @@ def _for_task(progress: Callable[[int, int], None] | None,
     return lambda n: report(i, n)
 
 
+def _task_label(task: Mapping[str, Any]) -> str:
+    """``velocity 1.51`` for ``{"velocity": 1.5084}``: a legend entry, not the full spec."""
+    def short(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.2f}"
+        if isinstance(v, list | tuple):
+            return "(" + ", ".join(short(x) for x in v) + ")"
+        return str(v)
+
+    return ", ".join(f"{k} {short(v)}" for k, v in task.items())
+
+
 def plot_sample_efficiency(se: SampleEfficiency, path: str | Path, *, title: str = "") -> Path:
     """PPO's learning curve on each task (return versus environment steps, log scale), the
     meta-policy's returns after k steps as dashed levels, and the steps it used as markers."""
@@ -881,19 +893,23 @@ def plot_sample_efficiency(se: SampleEfficiency, path: str | Path, *, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for i, c in enumerate(se.curves):
-        (line,) = ax.plot(c.timesteps, c.returns, lw=1.2, label=f"PPO from scratch, task {c.task}")
+    fig, ax = plt.subplots(figsize=(8.5, 4.5), dpi=120)
+    markers = {k: m for k, m in zip(se.ks, "osD^v<>p*h", strict=False)}
+    for c in se.curves:
+        (line,) = ax.plot(c.timesteps, c.returns, lw=1.2, label=f"PPO, {_task_label(c.task)}")
         for k, thr in c.thresholds.items():
             ax.axhline(thr, color=line.get_color(), ls="--", lw=0.8, alpha=0.7)
-            ax.plot([se.meta_steps(k)], [thr], marker="o" if k == 1 else "s",
-                    color=line.get_color(), ms=6,
-                    label=f"meta-policy after {k} step{'s' if k > 1 else ''}" if i == 0 else None)
+            ax.plot([se.meta_steps(k)], [thr], marker=markers.get(k, "o"), ls="none",
+                    color=line.get_color(), ms=6, mec="black", mew=0.6)
+    for k in se.ks:  # one legend entry per adaptation step, in black
+        ax.plot([], [], marker=markers.get(k, "o"), ls="none", color="white", mec="black",
+                label=f"meta-policy after {k} step{'s' if k > 1 else ''} "
+                      f"({se.meta_steps(k)} steps)")
     ax.set_xscale("log")
     ax.set_xlabel("environment steps on the task")
     ax.set_ylabel("return (mean of the last trajectories)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     if title:
         ax.set_title(title)
     fig.tight_layout()
