@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 import json
+import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 
-from metarl import checkpoint
+from metarl import checkpoint, distributed
 from metarl.checkpoint import atomic_write
 from metarl.cli.common import (
     FAMILY_OPT_HELP,
@@ -24,9 +27,12 @@ from metarl.cli.common import (
     user_errors,
 )
 from metarl.cli.settings import DEVICE_HELP, Device
-from metarl.evaluate import Curve, Evaluation, evaluate_checkpoint
+from metarl.evaluate import Curve, Evaluation, check_procs, evaluate_checkpoint
 from metarl.plots import adaptation_curves
 from metarl.sb3 import SampleEfficiency
+from metarl.types import RunError
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(
@@ -46,6 +52,8 @@ def evaluate(
     pretrained: Annotated[Optional[Path], typer.Option(help="RL: the pretrained baseline's run or checkpoint. \\[default: RUN/pretrained, trained on first use]")] = None,
     pretrain_iterations: Annotated[Optional[int], typer.Option(min=1, help="RL: iterations of the pretrained baseline when it must be trained. \\[default: the family's]")] = None,
     threads: Annotated[Optional[int], typer.Option(help=THREADS_HELP)] = None,
+    procs: Annotated[Optional[int], typer.Option(min=1, help="Processes on this machine, each adapting its share of the test tasks (baselines included; a missing pretrained baseline is trained on all of them together); process 0 prints and writes, and the result equals one process's. Across machines run this command under torchrun instead. \\[default: 1]")] = None,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="With --procs: the rendezvous port on 127.0.0.1. \\[default: a free one]")] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the result as JSON here.")] = None,
     baseline: Annotated[Optional[list[str]], typer.Option(help="Another baseline, repeatable: ppo trains Stable-Baselines3 PPO from scratch on the first --ppo-tasks test tasks and reports the environment steps it needs to reach this model's return after each adaptation step.", rich_help_panel="PPO baseline")] = None,
     ppo_steps: Annotated[int, typer.Option(min=1, help="PPO's budget of environment steps per task (--baseline ppo).", rich_help_panel="PPO baseline")] = 200_000,
@@ -61,6 +69,8 @@ def evaluate(
     Example: metarl evaluate runs/sinusoid-maml --shots 5 --steps 10 --plot curve.png
 
     Example: metarl evaluate runs/cheetah-vel --family-opt workers=2 --family-opt oracle_run=runs/cheetah-vel-oracle
+
+    Example: metarl evaluate runs/cheetah-vel --procs 8 --threads 1 --json eval.json
     """
     with user_errors():
         set_threads(threads)
@@ -75,11 +85,28 @@ def evaluate(
             options["eval_data"] = [str(p) for p in data]
         run_ = checkpoint.load(run).with_family_options(options)
         overrides = {k: v for k, v in (("shots", shots), ("query", query)) if v is not None}
+        if procs is not None and procs > 1 and not distributed.launched():
+            check_procs(run_, procs, n_tasks=tasks, baselines=baselines, pretrained=pretrained,
+                        pretrain_iterations=pretrain_iterations)
+            if port is not None:
+                distributed.check_port(port)
+            args = rank_args(run, tasks=tasks, steps=steps, lr=lr, shots=shots, query=query,
+                             data=data, rollouts=rollouts, family_opt=family_opt, seed=seed,
+                             device=device, baselines=baselines, proximal=proximal,
+                             pretrained=pretrained, pretrain_iterations=pretrain_iterations,
+                             threads=threads, json=json_path, baseline=baseline,
+                             ppo_steps=ppo_steps, ppo_tasks=ppo_tasks, ppo_plot=ppo_plot,
+                             plot=plot)
+            _launch(args, procs=procs, port=port, threads=threads)
+            return
         ev = evaluate_checkpoint(run_, n_tasks=tasks, steps=steps, lr=tuple(lr) if lr else None,
                                  seed=seed, device=device.value, baselines=baselines,
                                  pretrained=pretrained, pretrain_iterations=pretrain_iterations,
                                  proximal=proximal, notify=lambda m: err.print(m, markup=False),
                                  **overrides)
+        if not distributed.current().is_main:
+            distributed.shutdown()
+            return  # rank 0 prints and writes
         curves = [ev.curve, *ev.baselines]
         digits = decimals([v for c in curves for v in c.ci95])
         out.print(curve_table(f"{ev.family} / {ev.algo}: {ev.metric} after k adaptation steps "
@@ -106,6 +133,37 @@ def evaluate(
             adaptation_curves([ev.curve, *ev.baselines], plot, metric=ev.metric,
                               title=f"{ev.family}: {ev.algo}", hlines=ev.hlines, panels=extra)
             err.print(f"wrote {plot}", markup=False)
+
+
+def rank_args(run: Path, **options: Any) -> list[str]:
+    """The ``evaluate`` command line each launched rank runs: ``run`` and every option that
+    was given (None: left out; a bool: ``--name`` or ``--no-name``; a list: repeated)."""
+    args = ["evaluate", str(run)]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            args += [flag, str(v.value if isinstance(v, enum.Enum) else v)]
+    return args
+
+
+def _launch(args: list[str], *, procs: int, port: int | None, threads: int | None) -> None:
+    """Evaluate on ``procs`` ranks of this machine (``distributed.launch``, as ``metarl
+    train --procs``): rank 0 prints and writes; one line if any rank fails."""
+    t0 = time.perf_counter()
+    try:
+        distributed.launch(args, procs, port=port, threads=threads)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        raise typer.Exit(code=130) from None
+    except RunError as e:
+        err.print(f"error: {' '.join(str(e).split())}", markup=False)
+        raise typer.Exit(code=e.exit_code) from None
+    log.info("%d processes finished in %.1f s", procs, time.perf_counter() - t0)
 
 
 def curve_table(title: str, curves: Sequence[Curve], digits: int) -> Table:

@@ -31,6 +31,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,34 @@ died mid-iteration ends the others within this time, not gloo's 30 minutes)."""
 
 class PeerError(RunError):
     """Another rank failed or disappeared during a collective."""
+
+
+@dataclass
+class Traffic:
+    """What this process's all-reduces (:meth:`Group._all_reduce`: every task mean, hence
+    every collective of a training iteration) moved: ``calls``, ``bytes`` (the payload,
+    ``numel * element_size`` of each reduced tensor, as this rank hands it in; a ring
+    all-reduce sends about ``2 (world - 1) / world`` times that per rank) and ``seconds``
+    spent inside them (gloo: transfer and waiting for the slowest rank; NCCL returns once
+    the reduction is queued, so there it is only the launch). A group of one reduces
+    nothing and counts nothing. ``metarl bench --section distributed`` reads it per
+    iteration."""
+
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def snapshot(self) -> Traffic:
+        return Traffic(self.calls, self.bytes, self.seconds)
+
+    def since(self, before: Traffic) -> Traffic:
+        """The traffic after ``before`` (a :meth:`snapshot`)."""
+        return Traffic(self.calls - before.calls, self.bytes - before.bytes,
+                       self.seconds - before.seconds)
+
+
+TRAFFIC = Traffic()
+"""This process's all-reduce counter (see :class:`Traffic`)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +133,23 @@ class Group:
         if self.world > 1:
             self._all_reduce(torch.zeros(1))
 
+    def counts(self, n: int) -> list[int]:
+        """How many of ``n`` items each rank's :meth:`share` holds, in rank order."""
+        return [len(range(n)[Group(rank=r, world=self.world).share(n)])
+                for r in range(self.world)]
+
+    def gather_objects(self, items: Sequence[Any]) -> list[Any]:
+        """Concatenate each rank's picklable ``items`` in rank order (every rank gets the
+        whole list): task specs, not tensors."""
+        if self.world == 1:
+            return list(items)
+        parts: list[Any] = [None] * self.world
+        try:
+            dist.all_gather_object(parts, list(items))
+        except (RuntimeError, dist.DistError) as e:
+            raise PeerError(_peer_message(e)) from None
+        return [x for part in parts for x in part]
+
     def gather_rows(self, x: Tensor, counts: Sequence[int]) -> Tensor:
         """Concatenate each rank's ``[counts[r], ...]`` rows in rank order (every rank
         gets the whole)."""
@@ -121,10 +167,14 @@ class Group:
 
     def _all_reduce(self, x: Tensor) -> Tensor:
         y = x.to(_comm_device()).contiguous()
+        t0 = time.perf_counter()
         try:
             dist.all_reduce(y, op=dist.ReduceOp.SUM)
         except (RuntimeError, dist.DistError) as e:  # a peer died or raised
             raise PeerError(_peer_message(e)) from None
+        TRAFFIC.calls += 1
+        TRAFFIC.bytes += y.numel() * y.element_size()
+        TRAFFIC.seconds += time.perf_counter() - t0
         return y
 
 

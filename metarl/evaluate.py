@@ -1,4 +1,11 @@
-"""Meta-testing: adapt to fresh test tasks and score after 0..K inner steps."""
+"""Meta-testing: adapt to fresh test tasks and score after 0..K inner steps.
+
+On several ranks (``metarl evaluate --procs N``, or under ``torchrun``) the test tasks
+are split like training's meta-batch: every rank draws the same tasks from the seed,
+adapts its :meth:`~metarl.distributed.Group.share` of each chunk, and the per-task
+values are gathered in task order (:meth:`~metarl.distributed.Group.gather_rows`), so
+the curves equal one process's.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ from typing import Any
 
 import torch
 
-from metarl import checkpoint
+from metarl import checkpoint, distributed
 from metarl import params as P
 from metarl.checkpoint import Run
 from metarl.families import Family
@@ -18,9 +25,11 @@ from metarl.inner import InnerConfig, adapt
 from metarl.rl.family import RLFamily
 from metarl.train import train
 from metarl.types import (
+    ConfigError,
     Params,
     ReportsExtraMetrics,
     RLTaskBatch,
+    SupportsSelect,
     TaskBatch,
     resolve_device,
     resolve_dtype,
@@ -84,6 +93,7 @@ class Scores:
 def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int,
                       lr: float | tuple[float, ...], seed: int, device: torch.device,
                       dtype: torch.dtype, chunk: int = 600, prox_lam: float | None = None,
+                      group: distributed.Group = distributed.LOCAL,
                       **overrides: Any) -> Scores:
     """Per-task metric after 0..K steps of gradient descent on the inner loss.
 
@@ -93,6 +103,10 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
     Tasks are drawn from the test split with ``seed + TEST_SEED_OFFSET`` and
     processed ``chunk`` at a time (all tasks of a chunk adapt as one batch): every
     ``theta`` evaluated with the same arguments sees the same tasks.
+
+    With a ``group`` of several ranks each rank adapts its share of every chunk (RL:
+    with the trajectories those tasks have in the whole chunk) and every rank returns
+    all ``n_tasks`` rows, in task order: the values of one process, up to round-off.
     """
     cfg = InnerConfig(steps=steps, lr=lr)
     gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
@@ -101,16 +115,49 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
     extra_rows: dict[str, list[torch.Tensor]] = {}
     for start in range(0, n_tasks, chunk):
         T = min(chunk, n_tasks - start)
-        batch = family.sample_batch(T, gen, split="test", device=device, dtype=dtype, **overrides)
-        prox = (prox_lam, P.expand(theta, T)) if prox_lam else None
-        _, vals, extra = score_while_adapting(batch, P.expand(theta, T), steps, cfg, prox=prox)
-        rows.append(torch.stack(vals, 1))  # [T, K+1]
-        for name, v in extra.items():
-            extra_rows.setdefault(name, []).append(torch.stack(v, 1))  # [T, K+1]
+        batch, n_mine = _test_share(family, T, gen, group, device=device, dtype=dtype,
+                                    **overrides)
+        n = batch.n_tasks
+        prox = (prox_lam, P.expand(theta, n)) if prox_lam else None
+        _, vals, extra = score_while_adapting(batch, P.expand(theta, n), steps, cfg, prox=prox)
+        names = list(extra)  # the same on every rank: the family's metrics, in its order
+        local = torch.stack([torch.stack(vals, 1)]
+                            + [torch.stack(extra[k], 1) for k in names], 1)  # [n, 1+M, K+1]
+        whole = group.gather_rows(local[:n_mine], group.counts(T))  # [T, 1+M, K+1]
+        rows.append(whole[:, 0])  # [T, K+1]
+        for i, name in enumerate(names, 1):
+            extra_rows.setdefault(name, []).append(whole[:, i])  # [T, K+1]
         if isinstance(batch, RLTaskBatch):
-            tasks += batch.tasks
+            tasks += group.gather_objects(batch.tasks[:n_mine])
     return Scores(torch.cat(rows), tasks if family.kind == "rl" else None,
                   {name: torch.cat(r) for name, r in extra_rows.items()})
+
+
+def _test_share(family: Family, n: int, generator: torch.Generator, group: distributed.Group,
+                *, device: torch.device, dtype: torch.dtype,
+                **overrides: Any) -> tuple[TaskBatch, int]:
+    """This rank's share of ``n`` test tasks and how many of the batch's tasks are its own.
+
+    Every rank draws all ``n`` (the generator stays in step). A rank whose share is empty
+    (a last chunk smaller than the group) adapts the chunk's last task and keeps none of it,
+    so that every rank runs the same calls. One process: the whole batch, as before.
+    """
+    if group.world == 1:
+        return family.sample_batch(n, generator, split="test", device=device, dtype=dtype,
+                                   **overrides), n
+    share = group.share(n)
+    mine = share.stop - share.start
+    rows = share if mine > 0 else slice(n - 1, n)
+    if isinstance(family, RLFamily):
+        return family.sample_batch(n, generator, split="test", device=device, dtype=dtype,
+                                   share=rows, **overrides), mine
+    batch = family.sample_batch(n, generator, split="test", device=device, dtype=dtype,
+                                **overrides)
+    if not isinstance(batch, SupportsSelect):
+        raise ConfigError(f"family {family.name!r} returns {type(batch).__name__}, which cannot "
+                          "be split over processes (it has no select): evaluate it with one "
+                          "process")
+    return batch.select(rows), mine
 
 
 def score_while_adapting(batch: TaskBatch, phi: Params, steps: int, cfg: InnerConfig,
@@ -160,15 +207,22 @@ def rl_baselines(family: Family, *, scores: Scores, pretrained: Params | None,
                  **common: Any) -> tuple[list[Curve], dict[str, float]]:
     """Reference curves on the test tasks of ``scores``: a randomly initialised policy and
     a policy pretrained on all tasks jointly (if given), both adapted with the same
-    steps (``common``: the arguments of :func:`adaptation_values`), and the oracle's
-    return where the family defines one."""
+    steps (``common``: the arguments of :func:`adaptation_values`, its ``group``
+    included: the curves are split over the ranks the same way), and the oracle's
+    return where the family defines one.
+
+    The oracle line is computed by rank 0 alone, on all the tasks as one batch (as one
+    process does): a sampled oracle (locomotion) keys its noise by the row of its own
+    batch, so a split would change its trajectories. The other ranks return no oracle
+    line."""
+    group: distributed.Group = common.get("group", distributed.LOCAL)
     rand = family.init_params(torch.Generator().manual_seed(common["seed"] + 12345),
                               common["device"], common["dtype"])
     curves = [adaptation_values(rand, family, **common).curve("random init")]
     if pretrained is not None:
         curves.append(adaptation_values(pretrained, family, **common).curve("pretrained"))
     hlines: dict[str, float] = {}
-    if isinstance(family, RLFamily) and scores.tasks is not None:
+    if isinstance(family, RLFamily) and scores.tasks is not None and group.is_main:
         oracle = family.oracle_returns(scores.tasks, common["device"], common["dtype"])
         if oracle is not None:
             hlines["oracle"] = float(oracle.double().mean())
@@ -242,6 +296,15 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
     ``RUN/pretrained``, trained for ``pretrain_iterations`` on first use, the
     family's default when None) and the family's oracle line. ``notify`` receives
     a line before anything long starts.
+
+    In a process launched as one of several ranks (``metarl evaluate --procs N``,
+    ``torchrun``) the ranks split every curve's test tasks (:func:`adaptation_values`)
+    and train a missing pretrained baseline together, on the distributed training path;
+    rank 0's result is the whole evaluation, the other ranks' lacks the oracle line.
+
+    Raises:
+        ConfigError: more ranks than test tasks, or more ranks than the run's meta-batch
+            when the pretrained baseline must be trained (:func:`check_procs`).
     """
     family = run.family()
     d = family.defaults.eval
@@ -250,8 +313,13 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
     k = steps if steps is not None else max(d.steps, cfg.inner.steps)
     rates = lr or d.lr or (cfg.inner.lr if isinstance(cfg.inner.lr, tuple) else (cfg.inner.lr,))
     dev, dtype = resolve_device(device), resolve_dtype(cfg.dtype)
+    group = distributed.init(dev)  # the group of one unless launched with several ranks
+    dev = distributed.local_device(dev)
+    check_procs(run, group.world, n_tasks=n, baselines=baselines, pretrained=pretrained,
+                pretrain_iterations=pretrain_iterations)
     common: dict[str, Any] = dict(n_tasks=n, steps=k, lr=tuple(rates), seed=seed, device=dev,
-                                  dtype=dtype, chunk=chunk or family.eval_chunk, **overrides)
+                                  dtype=dtype, chunk=chunk or family.eval_chunk, group=group,
+                                  **overrides)
     prox_lam = cfg.imaml.lam if cfg.algo == "imaml" and proximal else None
     scores = adaptation_values(run.theta, family, prox_lam=prox_lam, **common)
     result = Evaluation(family=family.name, algo=cfg.algo, metric=family.metric,
@@ -264,7 +332,7 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
             pre = checkpoint.load(pretrained).theta
         else:
             iters = pretrain_iterations or d.pretrain_iterations
-            if notify is not None:
+            if notify is not None and group.is_main:
                 notify(f"pretrained baseline: {iters} iterations on all tasks jointly, cached in "
                        f"{pretrained_cache(run)}")
             pre = pretrained_baseline(run, iterations=iters)
@@ -274,11 +342,44 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
     return result
 
 
+def check_procs(run: Run, procs: int, *, n_tasks: int | None = None, baselines: bool = True,
+                pretrained: str | Path | None = None,
+                pretrain_iterations: int | None = None) -> None:
+    """Raise :class:`ConfigError` when ``procs`` ranks cannot evaluate ``run``: more ranks
+    than test tasks (``n_tasks``; None: the family's default), or, when the pretrained
+    baseline must be trained (an RL family with ``baselines``, no ``pretrained`` and no
+    cache of enough iterations), more ranks than the run's meta-batch it trains on."""
+    if procs <= 1:
+        return
+    family = run.family()
+    n = n_tasks if n_tasks is not None else family.defaults.eval.tasks
+    if procs > n:
+        raise ConfigError(f"{procs} processes for {n} test tasks: use at most --procs {n}, or "
+                          "raise --tasks")
+    iters = pretrain_iterations or family.defaults.eval.pretrain_iterations
+    meta_batch = run.config.meta_batch
+    if (baselines and family.kind == "rl" and pretrained is None and procs > meta_batch
+            and _cached_pretrained(run, iters) is None):
+        raise ConfigError(f"the pretrained baseline trains on the run's meta-batch of "
+                          f"{meta_batch} tasks, too few for {procs} processes: use at most "
+                          f"--procs {meta_batch}, give --pretrained, or --no-baselines")
+
+
 def pretrained_cache(run: Run) -> Path:
     """Where the pretrained baseline of ``run`` is kept: ``pretrained/`` beside its checkpoint."""
     if run.path is None:
         raise ValueError("the run was not loaded from a file: give its pretrained baseline")
     return run.path.parent / "pretrained"
+
+
+def _cached_pretrained(run: Run, iterations: int) -> Params | None:
+    """The cached pretrained baseline of ``run`` if it has at least ``iterations``."""
+    cache = pretrained_cache(run)
+    if (cache / checkpoint.CHECKPOINT).is_file():
+        cached = checkpoint.load(cache)
+        if cached.iteration >= iterations:
+            return cached.theta
+    return None
 
 
 def pretrained_baseline(run: Run, *, iterations: int, progress: Any = None) -> Params:
@@ -287,15 +388,19 @@ def pretrained_baseline(run: Run, *, iterations: int, progress: Any = None) -> P
     It is the run's own configuration with no inner step (the meta-objective is
     then the ordinary objective averaged over tasks), trained for
     ``iterations`` with the same outer optimizer and seed, and stored in
-    :func:`pretrained_cache`.
+    :func:`pretrained_cache`. Launched as one of several ranks, every rank calls this:
+    they train it together (:func:`metarl.train.train` on their group, rank 0 writing
+    the cache) and each reads the cache once rank 0 has written it.
     """
-    cache = pretrained_cache(run)
-    if (cache / checkpoint.CHECKPOINT).is_file():
-        cached = checkpoint.load(cache)
-        if cached.iteration >= iterations:
-            return cached.theta
+    group = distributed.current()
+    # every rank decides from the same cache: all of them read it before any rewrites it
+    cached = _cached_pretrained(run, iterations)
+    group.barrier()
+    if cached is not None:
+        return cached
     cfg = run.config.replace({"algo": "maml", "inner": {"steps": 0}, "iterations": iterations,
                               "log_every": max(1, iterations // 10),
                               "checkpoint_every": iterations})
-    train(cfg, cache, overwrite=True, progress=progress)
-    return checkpoint.load(cache).theta
+    train(cfg, pretrained_cache(run), overwrite=True, progress=progress)
+    group.barrier()  # rank 0 saved the checkpoint after the last collective
+    return checkpoint.load(pretrained_cache(run)).theta

@@ -10,6 +10,8 @@ import torch
 
 from metarl import checkpoint
 from metarl.distributed import Group
+from tests.cli_run import one_line_error
+from tests.cli_run import run as cli_run
 
 SINUSOID = ["--family", "sinusoid", "--family-opt", "hidden=[8]", "--meta-batch", "5",
             "--dtype", "float64", "--device", "cpu", "--log-every", "1"]
@@ -127,3 +129,102 @@ def test_bad_procs_and_a_port_in_use_are_one_line(tmp_path):
                    "--out", tmp_path / "b")
     assert r.returncode == 2 and f"port {port} is in use" in r.stderr, r.stderr
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+
+
+
+SMALL_CHUNKS = '''
+    from metarl.tasks.sinusoid import SinusoidFamily
+
+    class SmallChunks(SinusoidFamily):
+        """Sinusoid evaluated 3 tasks at a time: 7 test tasks are chunks of 3, 3 and 1, and
+        in the last one rank 1 has no task of its own."""
+        eval_chunk = 3
+'''
+
+
+def assert_json_close(a, b, rel, where="$"):
+    """Equal structure and strings; numbers equal to ``rel`` (relative, absolute below 1)."""
+    assert type(a) is type(b) or {type(a), type(b)} <= {int, float}, where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_json_close(a[k], b[k], rel, f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_json_close(x, y, rel, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert abs(a - b) <= rel * max(1.0, abs(a)), (where, a, b)
+    else:
+        assert a == b, where
+
+
+def evaluate_on_one_and_two(tmp_path, run, *args):
+    """``metarl evaluate`` of ``run`` in this process and of a copy of it (its own
+    pretrained cache) on two launched processes: both JSONs and the second's output."""
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("checkpoint.pt", "config.json"):
+        shutil.copy(run / name, copy / name)
+    r1 = cli_run("evaluate", run, *args, "--json", tmp_path / "one.json")
+    assert r1.exit_code == 0, r1.output
+    r2 = metarl("evaluate", copy, *args, "--procs", 2, "--json", tmp_path / "two.json",
+                cwd=tmp_path)
+    assert r2.returncode == 0, r2.stderr
+    assert "Traceback" not in r2.stderr
+    return (json.loads((tmp_path / "one.json").read_text()),
+            json.loads((tmp_path / "two.json").read_text()), r2)
+
+
+def test_two_processes_evaluate_sinusoid_as_one(tmp_path, monkeypatch):
+    (tmp_path / "small_chunks.py").write_text(textwrap.dedent(SMALL_CHUNKS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    r = cli_run("train", *SINUSOID, "--family", "small_chunks:SmallChunks", "--iterations", 1,
+                "--threads", 1, "--out", run)
+    assert r.exit_code == 0, r.output
+    one, two, r2 = evaluate_on_one_and_two(tmp_path, run, "--tasks", 7, "--steps", 2,
+                                           "--threads", 1)
+    assert one["n_tasks"] == 7 and len(one["mean"]) == 3
+    # float64; each rank adapts its tasks as a smaller batch: equal up to round-off (~1e-16)
+    assert_json_close(one, two, rel=1e-10)
+    assert r2.stdout.count("mse after k adaptation steps") == 1  # rank 0 alone prints
+    assert r2.stderr.count("wrote") == 1
+
+
+def test_two_processes_evaluate_navigation_as_one(tmp_path):
+    run = tmp_path / "run"
+    # adam, not TRPO: the pretrained baseline (k = 0) then trains to round-off on two
+    # processes, where TRPO's conjugate gradient on this tiny policy's Fisher (eigenvalues
+    # down to the damping) turns a 1e-16 difference into a 10% different step
+    r = cli_run("train", *NAVIGATION, "--outer", "adam", "--iterations", 1, "--threads", 1,
+                "--out", run)
+    assert r.exit_code == 0, r.output
+    one, two, r2 = evaluate_on_one_and_two(tmp_path, run, "--tasks", 5, "--steps", 1,
+                                           "--pretrain-iterations", 2, "--threads", 1)
+    assert set(one["baselines"]) == {"random init", "pretrained"}
+    assert "oracle" in one["reference_lines"]
+    # float64: the same trajectories (noise by task row), the pretrained baseline trained by
+    # both ranks together: equal up to round-off (~1e-15 measured)
+    assert_json_close(one, two, rel=1e-10)
+    assert checkpoint.load(tmp_path / "copy" / "pretrained").iteration == 2
+    assert r2.stdout.count("return after k adaptation steps") == 1
+    assert r2.stderr.count("pretrained baseline:") == 1
+
+
+def test_evaluate_bad_procs_and_a_port_in_use_are_one_line(tmp_path):
+    import socket
+
+    run = tmp_path / "run"
+    assert cli_run("train", *SINUSOID, "--iterations", 1, "--threads", 1,
+                   "--out", run).exit_code == 0
+    one_line_error(cli_run("evaluate", run, "--tasks", 3, "--procs", 4), "at most --procs 3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = cli_run("evaluate", run, "--tasks", 3, "--procs", 2, "--port", port)
+    one_line_error(r, f"port {port} is in use")
