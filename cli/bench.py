@@ -33,7 +33,10 @@ def bench(
 
     Each case runs in its own process. The sinusoid section compares the batched
     engine with a per-task loop for every algorithm at meta-batch 25 and
-    k = 1, 5, 10, 20, 40. Exit code 1 when a case failed (its row holds the error).
+    k = 1, 5, 10, 20, 40. The distributed section times a training iteration of
+    sinusoid, navigation2d and halfcheetah-vel on 1 process and on 2 gloo ranks (one
+    thread each, alternating) and counts the bytes all-reduced per iteration. Exit
+    code 1 when a case failed (its row holds the error).
     Example: metarl bench --json bench.json
     """
     with user_errors():
@@ -69,7 +72,10 @@ def bench(
             failed += [(name, r) for r in rows if "error" in r]
             paired = all(r.get("impl") in ("batched", "loop") or str(r.get("impl")).startswith("chunked")
                          for r in rows)
-            out.print(_table(name, rows) if paired else _plain_table(name, rows))
+            if name == "distributed" and not any("error" in r for r in rows):
+                out.print(_distributed_table(rows))
+            else:
+                out.print(_table(name, rows) if paired else _plain_table(name, rows))
         if json_path:
             text = json.dumps(results, indent=2) + "\n"
             atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
@@ -90,6 +96,25 @@ def _plain_table(name: str, rows: list[dict]) -> Table:
         table.add_column(k, justify="left" if k in ("algo", "impl", "error") else "right")
     for r in rows:
         table.add_row(*[_fmt(r.get(k)) for k in keys])
+    return table
+
+
+def _distributed_table(rows: list[dict]) -> Table:
+    """One row per family: seconds per iteration on 1 process and on N, the speed-up, the
+    sampling part of each, and what every rank all-reduces per iteration."""
+    n = rows[0]["procs"] if rows else 2
+    table = Table(title=f"bench: distributed (1 vs {n} processes, one thread each; a "
+                        "training iteration: sampling and update)")
+    for head in ("family", "T", "params", "1 proc s/it", f"{n} procs s/it", "speed-up",
+                 "sampling 1 / n s", "all-reduces/it", "KB/it", "in all-reduces s/it"):
+        table.add_column(head, justify="left" if head == "family" else "right")
+    for r in rows:
+        table.add_row(r["family"], str(r["T"]), str(r["params"]), f"{r['sec_per_iter_1']:.4g}",
+                      f"{r['sec_per_iter_n']:.4g}", f"{r['speedup']:.2f}x",
+                      f"{r['sample_sec_1']:.3g} / {r['sample_sec_n']:.3g}",
+                      f"{r['allreduces_per_iter']:g}",
+                      f"{r['allreduce_bytes_per_iter'] / 1e3:.1f}",
+                      f"{r['allreduce_sec_per_iter']:.3g}")
     return table
 
 

@@ -9,7 +9,9 @@ Sections (:data:`SECTIONS`): ``sinusoid`` (the four algorithms at meta-batch
 sampler throughput and MAML-TRPO iterations), ``omniglot`` (5-way 1-shot conv-4,
 batched, chunked and looped), ``locomotion`` (halfcheetah-vel sampler against
 bare ``mj_step``), ``metaworld`` (ML1 reach-v3 sampler against bare Meta-World
-stepping; skipped without the ``metaworld`` extra).
+stepping; skipped without the ``metaworld`` extra), ``distributed`` (a training
+iteration on 1 process against 2 torch.distributed ranks, and the bytes all-reduced
+per iteration).
 
 Each section's case list comes at a :data:`Scale`: ``"full"`` (the README's
 numbers), ``"quick"`` (fewer cases and repeats) or ``"tiny"`` (one case per section,
@@ -19,6 +21,7 @@ in seconds, and measures nothing worth reading).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 from metarl import config as C
-from metarl import families
+from metarl import distributed, families
 from metarl import params as P
 from metarl.algorithms import IMAMLConfig, meta_grad
 from metarl.inner import InnerConfig
@@ -44,6 +47,7 @@ from metarl.rl.batch import masked_task_mean
 from metarl.rl.family import RLFamily
 from metarl.rl.sampler import GymBatchEnv, sample
 from metarl.rl.trpo import FAST_FISHER_SUBSAMPLE
+from metarl.train import make_outer, sample_share
 from metarl.types import Params
 
 Row = dict[str, Any]
@@ -495,12 +499,190 @@ def metaworld_cases(device: str, scale: Scale) -> Iterator[Case]:
                    options={"workers": workers, "rollouts": 5 if quick else 10})
 
 
+DISTRIBUTED_FAMILIES: dict[str, dict[str, Any]] = {
+    "sinusoid": {},  # MAML k = 1, Adam, meta-batch 25, 40-40 ReLU
+    "navigation2d": {"hidden": [100, 100]},  # the paper's policy (the family's default: 64-64)
+    "halfcheetah-vel": {},  # MAML-TRPO, meta-batch 40, E = 20, H = 100, 64-64 tanh
+}
+"""The families of the distributed section and their options: the paper's settings, the
+family's defaults otherwise (meta-batch, inner step, outer optimizer, TRPO's 10 CG
+iterations and 15 line-search steps)."""
+DISTRIBUTED_PROCS = 2
+"""Ranks the distributed section compares with one process."""
+
+
+def distributed_cases(device: str, scale: Scale) -> Iterator[Case]:
+    """One training iteration (sampling and update) per family of
+    :data:`DISTRIBUTED_FAMILIES`, on 1 process and on :data:`DISTRIBUTED_PROCS` gloo
+    ranks, one thread each; halfcheetah-vel only where MuJoCo is installed. ``quick``:
+    halfcheetah-vel at meta-batch 8 and fewer repeats; ``tiny``: 2 tasks (one per rank),
+    a 2 x 8 network, E = 2, H = 5, 2 CG iterations and 2 line-search steps. CPU only
+    (none on another device: one GPU cannot hold two NCCL ranks)."""
+    if device != "cpu":
+        return
+    for name, fam_opts in DISTRIBUTED_FAMILIES.items():
+        if name == "halfcheetah-vel" and importlib.util.find_spec("mujoco") is None:
+            continue
+        opts: dict[str, Any] = {"family": name, "procs": DISTRIBUTED_PROCS,
+                                "family_options": dict(fam_opts)}
+        if scale == "tiny":
+            rl = {} if name == "sinusoid" else {"rollouts": 2, "horizon": 5}
+            opts.update(family_options={"hidden": [8, 8], **rl},
+                        trpo={"cg_iters": 2, "ls_steps": 2})
+            yield Case(section="distributed", algo="maml", k=1, impl="1-vs-2-procs",
+                       device=device, meta_batch=2, repeats=1, warmup=0, options=opts)
+            continue
+        quick = scale == "quick"
+        fam = families.make(name, **fam_opts)
+        T = 8 if quick and name == "halfcheetah-vel" else fam.defaults.train.meta_batch
+        yield Case(section="distributed", algo="maml", k=1, impl="1-vs-2-procs", device=device,
+                   meta_batch=T, repeats=3 if quick else 5, warmup=1, options=opts)
+
+
+Timing = tuple[float, float, distributed.Traffic]
+"""One iteration: (seconds, sampling seconds, this rank's all-reduce traffic)."""
+
+
+def _training_iteration(case: Case, group: distributed.Group) -> Callable[[], Timing]:
+    """``metarl train``'s iteration of the case's family on ``group`` (its own theta,
+    outer optimizer and task stream from the family's seeds): this rank's share of the
+    meta-batch, the meta-gradient averaged over the ranks, the outer step (TRPO: every
+    Fisher-vector product, s^T F s and line-search candidate reduced). Logging's one
+    metrics all-reduce (every ``log_every`` iterations) is left out."""
+    opts = dict(case.options or {})
+    name = str(opts["family"])
+    fam = families.make(name, **opts.get("family_options", {}))
+    cfg = C.resolve(fam, {"family": name, "family_options": fam.options(),
+                          "meta_batch": case.meta_batch, "device": case.device,
+                          "trpo": opts.get("trpo", {})})
+    dev, dtype = torch.device(case.device), torch.float32
+    g_init, g_tasks = torch.Generator().manual_seed(0), torch.Generator().manual_seed(7919)
+    theta = P.clone_leaf(fam.init_params(g_init, dev, dtype))
+    outer = make_outer(cfg, theta, fam, group)
+
+    def compute(th: Params, batch: Any) -> Any:
+        mg = meta_grad(cfg.algo, th, batch, cfg.inner, cfg.imaml)
+        return dataclasses.replace(mg, grad=group.task_mean_params(mg.grad, batch.n_tasks))
+
+    def run() -> Timing:
+        before = distributed.TRAFFIC.snapshot()
+        t0 = time.perf_counter()
+        batch = sample_share(fam, cfg.meta_batch, g_tasks, group, device=dev, dtype=dtype)
+        outer.step(theta, batch, compute)
+        return (time.perf_counter() - t0, float(getattr(batch, "sample_seconds", 0.0)),
+                distributed.TRAFFIC.since(before))
+
+    return run
+
+
+def _rank_loop(case_json: str, rank: int, world: int, port: int, conn: Any) -> None:
+    """A rank of the distributed section: joins the group as a launched rank does (the
+    launcher's variables, then :func:`metarl.distributed.init`), then runs one iteration
+    per ``"go"`` until ``"stop"``, answering ``("ok", Timing)`` or ``("error", line)``."""
+    try:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        case = Case(**json.loads(case_json))
+        run = _training_iteration(case, distributed.init(torch.device(case.device)))
+        conn.send(("ready", None))
+        while conn.recv() == "go":
+            conn.send(("ok", run()))
+    except BaseException as e:  # reported by the case process, which fails the row
+        conn.send(("error", f"rank {rank}: {type(e).__name__}: {' '.join(str(e).split())}"))
+    finally:
+        distributed.shutdown()
+
+
+def run_distributed(case: Case) -> Row:
+    """A training iteration of one family on 1 process and on ``procs`` ranks side by side,
+    one thread per process: the ranks (spawned here, joined over gloo on 127.0.0.1) and
+    this process's own iteration alternate, the ranks idle while it runs; medians of
+    ``repeats`` after ``warmup``. Both start from the same theta and task stream, so they
+    take the same iterations. The ranks' time of an iteration is the slowest rank's.
+
+    Row: seconds per iteration on 1 process (``sec_per_iter_1``) and on ``procs``
+    (``sec_per_iter_n``), ``speedup`` = their ratio, the sampling seconds of each (the
+    slowest rank's), and per rank and iteration the all-reduces' count, payload bytes
+    (``allreduce_bytes_per_iter``; one process reduces nothing) and seconds spent in them
+    (transfer and waiting for the other ranks), with the parameter count."""
+    import multiprocessing as mp
+
+    from metarl import bench as this  # the ranks import it by name, not as __main__
+
+    torch.set_num_threads(1)
+    opts = dict(case.options or {})
+    world = int(opts.get("procs", DISTRIBUTED_PROCS))
+    # forked before this process runs any torch op (no thread pool to inherit): the ranks
+    # start in a fraction of a second instead of importing everything again
+    ctx: Any = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    port = distributed.free_port()
+    conns, procs = [], []
+    for rank in range(world):
+        ours, theirs = ctx.Pipe()
+        p = ctx.Process(target=this._rank_loop, daemon=True,
+                        args=(json.dumps(asdict(case)), rank, world, port, theirs))
+        p.start()
+        conns.append(ours)
+        procs.append(p)
+
+    def answers() -> list[Any]:
+        out = []
+        for rank, c in enumerate(conns):
+            try:
+                kind, value = c.recv()
+            except EOFError:
+                raise RuntimeError(f"rank {rank} exited (code {procs[rank].exitcode})") from None
+            if kind == "error":
+                raise RuntimeError(value)
+            out.append(value)
+        return out
+
+    def ranks_run() -> tuple[float, float, distributed.Traffic]:
+        for c in conns:
+            c.send("go")
+        timings: list[Timing] = answers()
+        return (max(t for t, _, _ in timings), max(s for _, s, _ in timings), timings[0][2])
+
+    try:
+        one = _training_iteration(case, distributed.LOCAL)
+        answers()  # every rank has joined and built its iteration
+        for _ in range(case.warmup):
+            one()
+            ranks_run()
+        pairs = [(one(), ranks_run()) for _ in range(case.repeats)]
+    finally:
+        for c in conns:
+            try:
+                c.send("stop")
+            except (BrokenPipeError, OSError):
+                pass
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    fam = families.make(str(opts["family"]), **opts.get("family_options", {}))
+    theta = fam.init_params(torch.Generator().manual_seed(0), torch.device("cpu"), torch.float32)
+    med = statistics.median
+    sec_1, sec_n = med(a[0] for a, _ in pairs), med(b[0] for _, b in pairs)
+    traffic = [b[2] for _, b in pairs]
+    return {"algo": case.algo, "impl": case.impl, "family": opts["family"], "T": case.meta_batch,
+            "procs": world, "params": sum(v.numel() for v in theta.values()),
+            "sec_per_iter_1": sec_1, "sec_per_iter_n": sec_n, "speedup": sec_1 / sec_n,
+            "sample_sec_1": med(a[1] for a, _ in pairs),
+            "sample_sec_n": med(b[1] for _, b in pairs),
+            "allreduces_per_iter": med(t.calls for t in traffic),
+            "allreduce_bytes_per_iter": med(t.bytes for t in traffic),
+            "allreduce_sec_per_iter": med(t.seconds for t in traffic)}
+
+
 SECTIONS: dict[str, tuple[Callable[..., Iterator[Case]], Callable[[Case], Row]]] = {
     "sinusoid": (sinusoid_cases, run_sinusoid),
     "rl": (rl_cases, run_rl),
     "omniglot": (omniglot_cases, run_omniglot),
     "locomotion": (locomotion_cases, run_locomotion),
     "metaworld": (metaworld_cases, run_metaworld),
+    "distributed": (distributed_cases, run_distributed),
 }
 """name -> (cases(device, scale[, data]), run(case) -> row)."""
 

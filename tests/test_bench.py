@@ -21,6 +21,10 @@ KEYS = {  # (section, algo) -> the keys of its rows
     ("omniglot", "maml"): {"algo", "k", "impl", "sec_per_iter", "peak_mb"},
     ("locomotion", "sampler"): {"algo", "impl", "T", "E", "H", "sec_per_iter",
                                 "env_steps_per_sec", "raw_mj_step_per_sec", "overhead"},
+    ("distributed", "maml"): {"algo", "impl", "family", "T", "procs", "params",
+                              "sec_per_iter_1", "sec_per_iter_n", "speedup", "sample_sec_1",
+                              "sample_sec_n", "allreduces_per_iter", "allreduce_bytes_per_iter",
+                              "allreduce_sec_per_iter"},
 }
 
 
@@ -98,6 +102,57 @@ def test_locomotion_section(tmp_path):
     r = rows[0]
     assert r["impl"] == "in-process" and r["overhead"] == pytest.approx(
         r["raw_mj_step_per_sec"] / r["env_steps_per_sec"] - 1.0)
+
+
+def mlp_params(n_in, hidden, n_out):
+    """Weights and biases of an MLP n_in -> hidden -> n_out."""
+    sizes = [n_in, *hidden, n_out]
+    return sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
+
+
+def test_distributed_section(tmp_path):
+    import importlib.util
+
+    rows = run_section("distributed", tmp_path)
+    names = ["sinusoid", "navigation2d"]
+    if importlib.util.find_spec("mujoco") is not None:
+        names.append("halfcheetah-vel")
+    check_rows("distributed", rows, ["maml"] * len(names))
+    assert [r["family"] for r in rows] == names
+    for r in rows:
+        assert (r["procs"], r["T"]) == (2, 2), r  # one task per rank
+        for key in ("sec_per_iter_1", "sec_per_iter_n", "speedup"):
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        assert r["speedup"] == pytest.approx(r["sec_per_iter_1"] / r["sec_per_iter_n"])
+        assert r["allreduce_bytes_per_iter"] > 0 and r["allreduce_sec_per_iter"] >= 0
+    sin, *trpo = rows
+    # sinusoid, MAML + Adam: one all-reduce, the meta-gradient and the task count in float32
+    n = mlp_params(1, [8, 8], 1)
+    assert sin["params"] == n
+    assert (sin["allreduces_per_iter"], sin["allreduce_bytes_per_iter"]) == (1, 4 * (n + 1))
+    # MAML-TRPO (2 CG iterations, 2 line-search steps): theta and the count for the
+    # meta-gradient, the 2 Fisher-vector products and s^T F s; the loss at theta and its
+    # count; per line-search candidate its loss, KL and count, all float32
+    spaces = {"navigation2d": (2, 2), "halfcheetah-vel": (17, 6)}
+    for r in trpo:
+        obs, act = spaces[r["family"]]
+        assert r["params"] == mlp_params(obs, [8, 8], act) + act  # + the log-std
+        candidates = r["allreduces_per_iter"] - 5
+        assert candidates in (1, 2), r
+        assert r["allreduce_bytes_per_iter"] == 4 * (4 * (r["params"] + 1) + 2 + 3 * candidates)
+
+
+def test_distributed_cases():
+    pytest.importorskip("mujoco")  # halfcheetah-vel's case
+    tiny, quick, full = (list(bench.distributed_cases("cpu", s)) for s in ("tiny", "quick", "full"))
+    assert len(tiny) == len(quick) == len(full)
+    assert all(c.repeats == 1 and c.warmup == 0 and c.meta_batch == 2 for c in tiny)
+    assert all(c.repeats > 1 and c.options["procs"] == 2 for c in quick + full)
+    assert {c.options["family"]: c.meta_batch for c in full} == {
+        "sinusoid": 25, "navigation2d": 20, "halfcheetah-vel": 40}
+    assert [c.meta_batch for c in quick] == [25, 20, 8]
+    assert full[1].options["family_options"] == {"hidden": [100, 100]}  # the paper's policy
+    assert list(bench.distributed_cases("cuda", "full")) == []  # gloo ranks on the CPU only
 
 
 def test_omniglot_without_data_is_skipped_with_a_message(tmp_path):
