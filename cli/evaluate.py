@@ -85,6 +85,8 @@ def evaluate(
             options["eval_data"] = [str(p) for p in data]
         run_ = checkpoint.load(run).with_family_options(options)
         overrides = {k: v for k, v in (("shots", shots), ("query", query)) if v is not None}
+        if baseline:
+            check_ppo_baseline(run_, steps)  # before the evaluation, not after it
         if procs is not None and procs > 1 and not distributed.launched():
             check_procs(run_, procs, n_tasks=tasks, baselines=baselines, pretrained=pretrained,
                         pretrain_iterations=pretrain_iterations)
@@ -176,6 +178,19 @@ def curve_table(title: str, curves: Sequence[Curve], digits: int) -> Table:
         table.add_row(str(j), *[f"{c.mean[j]:.{digits}f} +- {c.ci95[j]:.{digits}f}"
                                 for c in curves])
     return table
+
+
+def check_ppo_baseline(run: checkpoint.Run, steps: int | None) -> None:
+    """What ``--baseline ppo`` needs, checked before anything is evaluated: an RL family,
+    adapted returns to compare with, and Stable-Baselines3."""
+    from metarl import sb3
+
+    family = run.family()
+    if family.kind != "rl":
+        raise UserError(f"--baseline ppo is for RL families; {family.name!r} is {family.kind}")
+    if steps == 0:
+        raise UserError("--baseline ppo compares with adapted returns: give --steps 1 or more")
+    sb3.require_sb3()
 
 
 def ppo_baseline(run: checkpoint.Run, ev: Evaluation, *, steps: int, n_tasks: int, seed: int,

@@ -230,6 +230,17 @@ def test_evaluate_baseline_ppo(nav_run, tmp_path):
     assert (tmp_path / "ppo.png").stat().st_size > 0 and "PPO steps to reach it" in r.output
     one_line_error(run("evaluate", nav_run, "--tasks", 2, "--baseline", "dqn"),
                    "unknown --baseline 'dqn'")
+    # refused before anything is evaluated (one_line_error: no table printed first)
+    one_line_error(run("evaluate", nav_run, "--tasks", 2, "--steps", 0, "--baseline", "ppo"),
+                   "give --steps 1 or more")
+
+
+def test_evaluate_baseline_ppo_on_a_supervised_run_is_refused_first(tmp_path):
+    out = tmp_path / "sin"
+    r = run("train", "--family", "sinusoid", "--iterations", 1, "--meta-batch", 2, "--out", out)
+    assert r.exit_code == 0, r.output
+    one_line_error(run("evaluate", out, "--tasks", 2, "--baseline", "ppo"),
+                   "--baseline ppo is for RL families", "'sinusoid' is supervised")
 
 
 def test_finetune_example_runs(nav_run, tmp_path):
