@@ -71,6 +71,20 @@ def test_trpo_step_over_two_processes_equals_one(tmp_path):
     assert rel_diff(checkpoint.load(one), checkpoint.load(two)) < 1e-7
 
 
+def test_locomotion_trpo_step_over_two_processes_equals_one(tmp_path):
+    pytest.importorskip("mujoco")
+    cheetah = ["--family", "halfcheetah-vel", "--family-opt", "hidden=[8]", "--rollouts", "2",
+               "--horizon", "10", "--meta-batch", "4", "--dtype", "float64", "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = metarl("train", *cheetah, "--iterations", 1, "--out", one)
+    assert r.returncode == 0, r.stderr
+    r = metarl("train", *cheetah, "--iterations", 1, "--out", two, "--procs", 2)
+    assert r.returncode == 0, r.stderr
+    # each rank steps its own MuJoCo environments: the same start states and action noise
+    # for a task wherever it runs, so the same step up to CG-amplified round-off
+    assert rel_diff(checkpoint.load(one), checkpoint.load(two)) < 1e-7
+
+
 def test_resume_with_another_number_of_processes(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert metarl("train", *SINUSOID, "--iterations", 4, "--out", straight).returncode == 0
