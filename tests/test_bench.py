@@ -21,6 +21,8 @@ KEYS = {  # (section, algo) -> the keys of its rows
     ("omniglot", "maml"): {"algo", "k", "impl", "sec_per_iter", "peak_mb"},
     ("locomotion", "sampler"): {"algo", "impl", "T", "E", "H", "sec_per_iter",
                                 "env_steps_per_sec", "raw_mj_step_per_sec", "overhead"},
+    ("metaworld", "sampler"): {"algo", "impl", "T", "E", "H", "sec_per_iter",
+                               "env_steps_per_sec", "bare_metaworld_steps_per_sec", "overhead"},
     ("distributed", "maml"): {"algo", "impl", "family", "T", "procs", "params",
                               "sec_per_iter_1", "sec_per_iter_n", "speedup", "sample_sec_1",
                               "sample_sec_n", "allreduces_per_iter", "allreduce_bytes_per_iter",
@@ -153,6 +155,16 @@ def test_distributed_cases():
     assert [c.meta_batch for c in quick] == [25, 20, 8]
     assert full[1].options["family_options"] == {"hidden": [100, 100]}  # the paper's policy
     assert list(bench.distributed_cases("cuda", "full")) == []  # gloo ranks on the CPU only
+
+
+def test_metaworld_section(tmp_path):
+    pytest.importorskip("metaworld")
+    rows = run_section("metaworld", tmp_path)
+    check_rows("metaworld", rows, ["sampler"])
+    r = rows[0]
+    assert (r["impl"], r["T"], r["E"], r["H"]) == ("in-process", 1, 2, 5)
+    assert r["overhead"] == pytest.approx(
+        r["bare_metaworld_steps_per_sec"] / r["env_steps_per_sec"] - 1.0)
 
 
 def test_omniglot_without_data_is_skipped_with_a_message(tmp_path):
