@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -67,7 +67,7 @@ def curve(
         err.print(f"wrote {out_png}", markup=False)
 
 
-def _default_keys(rows: list[dict]) -> tuple[str, ...]:
+def _default_keys(rows: list[dict[str, Any]]) -> tuple[str, ...]:
     logged = {k for r in rows for k in r}
     for pair in DEFAULT_KEYS:
         if set(pair) <= logged:

@@ -209,6 +209,8 @@ class LocomotionEnv(gymnasium.Env[np.ndarray, np.ndarray]):
     task_key = "velocity"
     """``"velocity"`` (``{"velocity": v}``) or ``"direction"`` (``{"direction": +1 or -1}``)."""
     metadata: dict[str, Any] = {"render_modes": []}
+    action_space: spaces.Box
+    """The simulation's torque box (v5's, ``[-1, 1]`` per actuator)."""
 
     def __init__(self, task: Mapping[str, Any] | None = None, oracle: bool = False,
                  render_mode: str | None = None) -> None:

@@ -29,7 +29,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
 from metarl.algorithms import ALGORITHMS, IMAMLConfig
 from metarl.inner import InnerConfig
@@ -321,12 +321,16 @@ def check_layer(layer: Mapping[str, Any], *, where: str, cls: type = TrainConfig
     return out
 
 
-def build(cls: type, tree: Mapping[str, Any], *, where: str) -> Any:
+_Config = TypeVar("_Config")
+
+
+def build(cls: type[_Config], tree: Mapping[str, Any], *, where: str) -> _Config:
     """Instantiate dataclass ``cls`` from a (checked) nested mapping; range errors from the
     dataclasses' own checks come out as :class:`ConfigError`."""
-    hints = field_types(cls)
+    klass: type = cls  # the cached lookups take any class
+    hints = field_types(klass)
     kwargs = {}
-    for key, value in check_layer(tree, where=where, cls=cls).items():
+    for key, value in check_layer(tree, where=where, cls=klass).items():
         tp = hints[key]
         kwargs[key] = build(tp, value, where=where) if _is_config(tp) else value
     return cls(**kwargs)

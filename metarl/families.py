@@ -81,10 +81,13 @@ class Family(Protocol):
         ...
 
     def sample_batch(self, n_tasks: int, generator: torch.Generator, *, split: str,
-                     device: torch.device, dtype: torch.dtype,
-                     **overrides: Any) -> TaskBatch:
+                     device: torch.device, dtype: torch.dtype) -> TaskBatch:
         """T new tasks from the ``split`` ("train" or "test") distribution.
-        ``overrides`` are evaluation-time settings (e.g. ``shots``)."""
+
+        A family may take further keyword settings, with defaults, that only a caller
+        who knows the family passes: ``shots`` and ``query`` (the supervised families,
+        ``metarl evaluate --shots``), ``rollouts`` and ``share``
+        (:class:`~metarl.rl.family.RLFamily`)."""
         ...
 
 

@@ -70,8 +70,8 @@ def gradcheck(family_name: str = "sinusoid", *, steps: int = 2, n_tasks: int = 4
     family = families.make(family_name, **(family_options or {}))
     g = torch.Generator().manual_seed(seed)
     theta = family.init_params(g, torch.device("cpu"), dtype)
-    batch = exact.Recorder(family.sample_batch(n_tasks, g, split="train", device="cpu",
-                                               dtype=dtype))
+    batch = exact.Recorder(family.sample_batch(n_tasks, g, split="train",
+                                               device=torch.device("cpu"), dtype=dtype))
     alpha = inner_lr if inner_lr is not None else family.defaults.train.inner.lr
     inner = InnerConfig(steps=steps, lr=alpha)
     methods: dict[str, dict[str, float]] = {}
@@ -101,7 +101,11 @@ def gradcheck(family_name: str = "sinusoid", *, steps: int = 2, n_tasks: int = 4
     dense: exact.ImplicitSolve | None = None
     for n in cg_iters:
         cfg = imaml.IMAMLConfig(lam=lam, cg_iters=n)
-        im, s, m = _timed(lambda cfg=cfg: imaml.meta_grad(theta, batch.replay(), inner, cfg))
+
+        def run_imaml(cfg: imaml.IMAMLConfig = cfg) -> MetaGrad:  # replays the data each run
+            return imaml.meta_grad(theta, batch.replay(), inner, cfg)
+
+        im, s, m = _timed(run_imaml)
         if dense is None:  # phi* does not depend on the CG iterations: one dense solve serves
             dense = _imaml_dense(im, batch, lam)
         min_eig = float(dense.min_eig_T.min())

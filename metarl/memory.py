@@ -27,11 +27,11 @@ class Peak:
     mb: float = float("nan")
 
 
-class _LiveBytes(TorchDispatchMode):
+class _LiveBytes(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch: unannotated
     """Counts the bytes of CPU tensor storages created inside the mode while they live."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch: unannotated
         self.current = 0
         self.peak = 0
         self._live: set[int] = set()

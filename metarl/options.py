@@ -197,8 +197,8 @@ def _class_signature(cls: type) -> _Signature | None:
             continue
         if klass is object:
             if required is None:  # no __init__ but object's: the class takes no options
-                if cls.__new__ is not object.__new__:
-                    return None  # built by a __new__ of its own: not read
+                if any("__new__" in vars(k) for k in cls.__mro__[:-1]):
+                    return None  # built by a __new__ of its own (not object's): not read
                 open_kwargs, required = False, []
             break
         try:

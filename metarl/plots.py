@@ -4,28 +4,49 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from metarl.checkpoint import atomic_write
 
+if TYPE_CHECKING:  # matplotlib itself is imported when a plot is drawn
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-def _axes(ncols: int = 1):
+
+class CurveLike(Protocol):
+    """A curve :func:`adaptation_curves` draws (e.g. :class:`metarl.evaluate.Curve`): the
+    metric's ``mean`` and 95% CI half-width ``ci95`` at each of ``steps``, named ``label``."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def steps(self) -> Sequence[int]: ...
+
+    @property
+    def mean(self) -> Sequence[float]: ...
+
+    @property
+    def ci95(self) -> Sequence[float]: ...
+
+
+def _axes(ncols: int = 1) -> tuple[Figure, list[Axes]]:
     """A fresh figure of ``ncols`` 6 x 4 inch panels side by side on the file-only Agg
-    backend: ``(fig, ax)``, or ``(fig, [ax, ...])`` for several panels."""
+    backend: ``(fig, [ax, ...])``, one axes per panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), dpi=120, squeeze=False)
-    return fig, (axes[0, 0] if ncols == 1 else list(axes[0]))
+    return fig, list(axes[0])
 
 
-def _save(fig, ax, path: str | Path, title: str) -> Path:
-    """Title, grid and legend (on each panel when ``ax`` is a list, the title on the
-    first), then write the PNG atomically and free the figure."""
+def _save(fig: Figure, panels: list[Axes], path: str | Path, title: str) -> Path:
+    """Grid and legend on each panel, the title on the first, then write the PNG
+    atomically and free the figure."""
     import matplotlib.pyplot as plt
 
-    panels = ax if isinstance(ax, list) else [ax]
     if title:
         panels[0].set_title(title)
     for a in panels:
@@ -38,15 +59,14 @@ def _save(fig, ax, path: str | Path, title: str) -> Path:
     return path
 
 
-def adaptation_curves(curves: Sequence[object], path: str | Path, *, metric: str,
+def adaptation_curves(curves: Sequence[CurveLike], path: str | Path, *, metric: str,
                       title: str = "", hlines: dict[str, float] | None = None,
                       reference: dict[str, Sequence[float]] | None = None,
-                      panels: Mapping[str, Sequence[object]] | None = None) -> Path:
+                      panels: Mapping[str, Sequence[CurveLike]] | None = None) -> Path:
     """Metric versus adaptation steps, one line per curve with its 95% CI band.
 
     Args:
-        curves: objects with ``label``, ``steps``, ``mean``, ``ci95``
-            (:class:`metarl.evaluate.Curve`).
+        curves: the curves (:class:`CurveLike`, e.g. :class:`metarl.evaluate.Curve`).
         metric: y-axis label.
         hlines: horizontal reference lines (e.g. an oracle), label -> value.
         reference: published values to mark, label -> value per step (dashed, no band).
@@ -56,14 +76,13 @@ def adaptation_curves(curves: Sequence[object], path: str | Path, *, metric: str
     from matplotlib.ticker import MaxNLocator
 
     extra = dict(panels or {})
-    fig, axes = _axes(1 + len(extra))
-    panel_axes = axes if isinstance(axes, list) else [axes]
+    fig, panel_axes = _axes(1 + len(extra))
     for ax, (name, shown) in zip(panel_axes, [(metric, curves), *extra.items()]):
         for c in shown:
-            steps, mean, ci = c.steps, c.mean, c.ci95  # type: ignore[attr-defined]
+            steps, mean, ci = c.steps, c.mean, c.ci95
             lo = [m - e for m, e in zip(mean, ci)]
             hi = [m + e for m, e in zip(mean, ci)]
-            (line,) = ax.plot(steps, mean, marker="o", ms=3, label=c.label)  # type: ignore[attr-defined]
+            (line,) = ax.plot(steps, mean, marker="o", ms=3, label=c.label)
             ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("adaptation steps")
@@ -73,7 +92,7 @@ def adaptation_curves(curves: Sequence[object], path: str | Path, *, metric: str
         ax.plot(range(len(values)), values, ls="--", marker="x", color="gray", label=label)
     for label, y in (hlines or {}).items():
         ax.axhline(y, ls=":", color="black", label=label)
-    return _save(fig, axes, path, title)
+    return _save(fig, panel_axes, path, title)
 
 
 def moving_average(values: Sequence[float], window: int) -> list[float]:
@@ -98,7 +117,7 @@ def training_curves(runs: Sequence[tuple[str, Sequence[dict[str, float]]]], keys
         smooth: trailing moving-average window in logged rows; above 1 the raw
             values stay as a faint line behind the smoothed one.
     """
-    fig, ax = _axes()
+    fig, (ax,) = _axes()
     for label, rows in runs:
         xs = [r[x] / 60 if x == "seconds" else r[x] for r in rows]
         for k in keys:
@@ -111,4 +130,4 @@ def training_curves(runs: Sequence[tuple[str, Sequence[dict[str, float]]]], keys
             else:
                 ax.plot(xs, ys, label=name)
     ax.set_xlabel("training time (min)" if x == "seconds" else "meta-iteration")
-    return _save(fig, ax, path, title)
+    return _save(fig, [ax], path, title)

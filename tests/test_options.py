@@ -187,6 +187,16 @@ def test_other_factories():
     with pytest.raises(ConfigError, match="does not take options named 'x': it takes no options"):
         check_options(NoInit, {"x": 1}, family="f")
 
+    class OwnNew:
+        def __new__(cls, **options: Any) -> OwnNew:
+            return super().__new__(cls)
+
+    class InheritsNew(OwnNew):
+        pass
+
+    for factory in (OwnNew, InheritsNew):  # a __new__ of its own is not read: nothing checked
+        assert check_options(factory, {"x": 1}, family="f") == {"x": 1}
+
 
 def test_unresolvable_hints_are_not_checked():
     def factory(n: NotImported = 1) -> Any:  # noqa: F821 (resolving it fails)

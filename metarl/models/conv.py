@@ -221,9 +221,10 @@ class ConvNet:
             if c >= T:
                 out = self._grouped(params, x, m)
             else:  # cache blocking: chunks of tasks, each one grouped convolution
-                pc = {k: v.split(c) for k, v in params.items()}
+                # torch.split, not Tensor.split (the same op, but unannotated in torch)
+                pc = {k: torch.split(v, c) for k, v in params.items()}
                 out = torch.cat([self._grouped({k: v[i] for k, v in pc.items()}, xc, m)
-                                 for i, xc in enumerate(x.split(c))])
+                                 for i, xc in enumerate(torch.split(x, c))])
         elif impl == "loop":
             per_task = {k: v.unbind(0) for k, v in params.items()}
             out = torch.stack([self._one({k: v[t] for k, v in per_task.items()}, xt, m,

@@ -66,7 +66,8 @@ class TaskBatchNorm(nn.Module):
         self.eps = float(bn.eps)
         self.kind = type(bn).__name__
         check = type(bn)._check_input_dim  # pyright: ignore[reportPrivateUsage]
-        self._check_dim: Callable[[nn.Module, Tensor], None] = check  # BatchNorm{1,2,3}d's
+        # BatchNorm{1,2,3}d's, called with this module as self: it reads only the input's dim
+        self._check_dim: Callable[[Any, Tensor], None] = check
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [N, C, *]`` normalised over N and the trailing dimensions, per channel."""

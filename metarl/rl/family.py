@@ -203,7 +203,7 @@ class RLFamily(FamilyBase):
             + (", actions in [-1, 1] mapped onto the action box" if self.normalize_actions else ""),
         ])
 
-    def _spaces(self) -> tuple[gymnasium.Space, gymnasium.Space]:
+    def _spaces(self) -> tuple[gymnasium.Space[Any], gymnasium.Space[Any]]:
         if not hasattr(self, "_space_cache"):
             env = self.make_env(self.sample_tasks(1, np.random.default_rng(0))[0])
             self._space_cache = (env.observation_space, env.action_space)
@@ -216,6 +216,10 @@ class RLFamily(FamilyBase):
     def policy(self) -> Policy:
         if self._policy is None:
             obs_space, act_space = self._spaces()
+            if obs_space.shape is None:
+                raise ConfigError(f"family {self.name!r}: observation space {obs_space} has no "
+                                  "shape (the policy is an MLP on flat observations): wrap "
+                                  "make_env's env in gymnasium.wrappers.FlattenObservation")
             obs_dim = int(np.prod(obs_space.shape))
             if isinstance(act_space, gymnasium.spaces.Box):
                 self._policy = GaussianMLPPolicy(obs_dim, int(np.prod(act_space.shape)),
@@ -246,9 +250,9 @@ class RLFamily(FamilyBase):
             self._envs[key] = env
         return self._envs[key]
 
-    def batch_for(self, tasks: Sequence[Task], seed: int, *, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32, rollouts: int | None = None,
-                  rows: tuple[int, int] | None = None) -> RLBatch:
+    def batch_for(self, tasks: Sequence[Mapping[str, Any]], seed: int, *,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  rollouts: int | None = None, rows: tuple[int, int] | None = None) -> RLBatch:
         """An :class:`RLBatch` for given task specs (``rows``: they are rows ``offset ..``
         of a batch of ``total`` tasks, see :class:`RLBatch`)."""
         cfg = self.rl if rollouts is None else dataclasses.replace(self.rl, rollouts=rollouts)

@@ -12,6 +12,7 @@ Storage layout is ``[T, E, H, ...]`` (tasks, episodes, time steps).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -103,14 +104,15 @@ class BatchEnv(Protocol):
     asking whether every episode ended would wait for the device at every step.
     """
 
-    def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int) -> Tensor:
+    def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int, *,
+              offset: int = 0) -> Tensor:
         """Start ``n_episodes`` episodes of each task: obs ``[T, E, obs]``.
         ``seed`` makes random start states reproducible.
 
-        An env whose start states are random also takes a keyword ``offset``: the tasks
-        are rows ``offset ..`` of a larger batch (a rank's share of a meta-batch), and
-        each slot starts as it would in the whole batch. The sampler passes it only
-        when it is not 0."""
+        ``offset``: the tasks are rows ``offset ..`` of a larger batch (a rank's share of
+        a meta-batch), and each slot starts as it would in the whole batch; an env whose
+        start states are deterministic ignores it. The sampler passes it only when it is
+        not 0, so an env without it samples whole batches (one process) but not shares."""
         ...
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -140,8 +142,10 @@ class EnvSlots(Protocol):
     :class:`metarl.envs.locomotion.LocomotionSlots`).
     """
 
-    action_space: gymnasium.Space
-    """The environments' action space (valid after a reset with at least one slot)."""
+    @property
+    def action_space(self) -> gymnasium.Space[Any]:
+        """The environments' action space (valid after a reset with at least one slot)."""
+        ...
 
     def reset(self, tasks: Sequence[Task], seeds: Sequence[int]) -> np.ndarray:
         """Start slot ``k`` on ``tasks[k]`` with seed ``seeds[k]``: obs ``[n, obs]`` float64."""
@@ -188,7 +192,7 @@ class GymSlots:
         self.done = np.zeros(0, dtype=bool)  # [n]
 
     @property
-    def action_space(self) -> gymnasium.Space:
+    def action_space(self) -> gymnasium.Space[Any]:
         return self.envs[0].action_space
 
     def _env_for(self, k: int, task: Task) -> gymnasium.Env:
@@ -288,11 +292,11 @@ class SlotsBatchEnv:
         self.device, self.dtype = torch.device(device), dtype
         self.clip_actions = clip_actions
         self._local: EnvSlots | None = None
-        self._space: gymnasium.Space | None = None
+        self._space: gymnasium.Space[Any] | None = None
         self._tasks: list[dict[str, Any]] = []
         self._shape = (0, 0)
         self._seed = 0
-        self._seeds = np.zeros(0, dtype=np.uint32)
+        self._seeds: np.ndarray = np.zeros(0, dtype=np.uint32)  # [n] the slots' env seeds
         self._step = 0
         self._done = np.zeros(0, dtype=bool)  # [n] the slots' done flags, on the host
         self._pinned: Tensor | None = None  # CUDA: the staging buffer of the uploads
@@ -365,7 +369,7 @@ class SlotsBatchEnv:
         E = self._shape[1]
         return [self._tasks[i // E] for i in range(len(self._seeds))]
 
-    def _reset_slots(self) -> tuple[np.ndarray, gymnasium.Space | None]:
+    def _reset_slots(self) -> tuple[np.ndarray, gymnasium.Space[Any] | None]:
         """Reset every slot: obs ``[n, obs]`` and the action space (None without slots)."""
         if self._local is None:
             self._local = self.make_slots()
@@ -492,7 +496,7 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
         whole = (offset, total) == (0, T)  # else a share: noise and starts as in the whole batch
         obs = (env.reset(tasks, E, seed) if whole else
                # [T, E, obs]
-               env.reset(tasks, E, seed, offset=offset)).to(device=device, dtype=dtype)
+               _reset_share(env, tasks, E, seed, offset)).to(device=device, dtype=dtype)
         alive = torch.ones(T, E, dtype=torch.bool, device=device)  # [T, E]
         obs_buf = torch.zeros(T, E, H, obs.shape[-1], dtype=dtype, device=device)  # [T, E, H, obs]
         rew_buf = torch.zeros(T, E, H, dtype=dtype, device=device)  # [T, E, H]
@@ -533,6 +537,25 @@ def sample(policy: Policy, params_T: Params, env: BatchEnv, tasks: Sequence[Task
                     log_probs=logp_buf, flags=flags)
 
 
+def _reset_share(env: BatchEnv, tasks: Sequence[Task], n_episodes: int, seed: int,
+                offset: int) -> Tensor:
+    """``env.reset(..., offset=offset)``: the tasks are rows ``offset ..`` of a larger batch.
+
+    Raises:
+        TypeError: ``env.reset`` takes no ``offset`` (an env written for one process).
+    """
+    try:
+        params = inspect.signature(env.reset).parameters.values()
+    except (TypeError, ValueError):  # not introspectable: the call itself will tell
+        return env.reset(tasks, n_episodes, seed, offset=offset)
+    if not any(p.name == "offset" or p.kind is p.VAR_KEYWORD for p in params):
+        raise TypeError(f"{type(env).__name__}.reset takes no keyword offset, which sampling "
+                        f"a share of a batch (tasks from row {offset}) needs: add "
+                        "`*, offset: int = 0` to reset (an env with deterministic start "
+                        "states ignores it), or sample with one process")
+    return env.reset(tasks, n_episodes, seed, offset=offset)
+
+
 class NormalizedActions:
     """A :class:`BatchEnv` whose actions are in ``[-1, 1]`` units, mapped linearly onto the
     wrapped env's Box ``[low, high]`` (rllab's ``normalize`` convention, used by the MAML
@@ -549,7 +572,7 @@ class NormalizedActions:
     def reset(self, tasks: Sequence[Task], n_episodes: int, seed: int, *,
               offset: int = 0) -> Tensor:
         if offset:
-            return self.env.reset(tasks, n_episodes, seed, offset=offset)
+            return _reset_share(self.env, tasks, n_episodes, seed, offset)
         return self.env.reset(tasks, n_episodes, seed)
 
     def bounds(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

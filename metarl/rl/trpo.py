@@ -110,6 +110,11 @@ class SupportsTrajectorySubsample(Protocol):
         ...
 
 
+def _inner_loss_on(batch: TaskBatch, data: Data) -> Callable[[Params], Tensor]:
+    """``params -> batch.inner_loss(params, data)``: one inner step's loss on its stored data."""
+    return lambda params: batch.inner_loss(params, data)
+
+
 def make_readapt(algo: str, inner: InnerConfig, lam: float | None = None) -> Readapt:
     """The inner loop of ``algo`` on stored data (iMAML: the proximal one)."""
 
@@ -184,7 +189,7 @@ class TRPO:
             phi = P.expand(P.detach(theta), T)
             steps = self.readapt_steps
             for j, d in enumerate(inner_data):
-                g, H = P.grad_and_hvp(lambda p, d=d: batch.inner_loss(p, d), phi)
+                g, H = P.grad_and_hvp(_inner_loss_on(batch, d), phi)
                 alpha = steps.lr_at(j)
                 inner_hvps.append((alpha, H))
                 phi = P.add(phi, g, -alpha)  # phi_{j+1}, from the same graph
@@ -215,14 +220,16 @@ class TRPO:
         the full batch estimated from the subsample's Jacobian and KL (without the shift
         the Hessian would carry the subsample's adaptation error times the curvature of
         the inner steps, and need not be positive semi-definite)."""
+        old = mg.phi
+        if old is None:
+            raise ValueError("the Fisher of the KL needs the old adapted parameters: mg.phi is "
+                             "None (metarl's algorithms return them in MetaGrad.phi)")
         inner_data, out = self.fisher_data(batch, mg)
         th = P.detach(theta, requires_grad=True)
         phi = self.readapt(th, batch, inner_data, True)
         if self.cfg.fisher_subsample < 1:
-            old = mg.phi
-            assert old is not None
             phi = {k: v - v.detach() + old[k] for k, v in phi.items()}
-        grad_kl = P.grads(batch.kl(mg.phi, phi, out).mean(), th, create_graph=True)
+        grad_kl = P.grads(batch.kl(old, phi, out).mean(), th, create_graph=True)
 
         def F(v: Tensor) -> Tensor:
             hv = P.grads(P.flatten(grad_kl) @ v, th, retain_graph=True)

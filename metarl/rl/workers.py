@@ -97,7 +97,7 @@ class EnvSlice(gymnasium.Env):
 
     def slots_reset(self, tasks: Sequence[Task], n_episodes: int, seeds: np.ndarray,
                     bounds: Sequence[tuple[int, int]]
-                    ) -> tuple[np.ndarray, gymnasium.Space | None] | SlotFailure:
+                    ) -> tuple[np.ndarray, gymnasium.Space[Any] | None] | SlotFailure:
         """Reset this worker's slots ``bounds[index]`` (slot ``i`` runs ``tasks[i // E]``
         with ``seeds[i]``): obs ``[n_w, obs]`` and the action space (None without slots)."""
         start, end = bounds[self.index]
@@ -196,12 +196,12 @@ class WorkerBatchEnv(SlotsBatchEnv):
             dead = [w for w, p in enumerate(vec.processes) if p.sentinel in ended]
             for w in dead:
                 vec.processes[w].join(timeout=5)  # reap it: its exit code
-            dead_codes = [(w, vec.processes[w].exitcode) for w in dead]
+            first = dead[0] if dead else None  # None: no worker's pipe is known to have closed
+            code = vec.processes[first].exitcode if first is not None else None
             self._shutdown()
-            w, code = dead_codes[0] if dead_codes else (None, None)
-            raise WorkerError(f"worker {w} died (exit code {code}, {type(e).__name__}) {what}"
-                              f"{self._describe_share(w)}: run with workers=0 to debug the "
-                              "environment in this process") from None
+            raise WorkerError(f"worker {first} died (exit code {code}, {type(e).__name__}) "
+                              f"{what}{self._describe_share(first)}: run with workers=0 to debug "
+                              "the environment in this process") from None
         except Exception as e:
             self._shutdown()
             raise WorkerError(f"a worker failed {what}: {type(e).__name__}: {e}") from e
@@ -243,7 +243,7 @@ class WorkerBatchEnv(SlotsBatchEnv):
         vec.closed = True  # its processes are gone: nothing left for close() or __del__
 
     # --- SlotsBatchEnv ----------------------------------------------------------
-    def _reset_slots(self) -> tuple[np.ndarray, gymnasium.Space | None]:
+    def _reset_slots(self) -> tuple[np.ndarray, gymnasium.Space[Any] | None]:
         if self.workers == 0:
             return super()._reset_slots()
         n, E = len(self._seeds), self._shape[1]

@@ -1,8 +1,10 @@
 """Meta-RL: gradients on fixed trajectories, resampling, TRPO, estimators, CLI, user families."""
 
+import dataclasses
 import json
 import math
 
+import gymnasium
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,10 @@ from metarl.algorithms import exact, maml, meta_grad
 from metarl.cli.main import app
 from metarl.inner import InnerConfig
 from metarl.rl.batch import RLBatch, RLConfig
+from metarl.rl.family import RLFamily
 from metarl.rl.policies import GaussianMLPPolicy
 from metarl.train import train
+from metarl.types import ConfigError
 
 F64 = torch.float64
 
@@ -98,6 +102,16 @@ def test_fisher_chain_equals_direct_kl_hessian(k):
     a = trpo.fisher_vector_product(theta, batch, mg)(v)
     b = trpo.direct_fisher_vector_product(theta, batch, mg)(v)
     assert float((a - b).norm() / b.norm()) < 1e-10
+
+
+def test_direct_fisher_needs_the_old_adapted_parameters():
+    fam, theta, g = nav(F64, horizon=5)
+    cfg = C.resolve(fam, {"iterations": 1, "device": "cpu", "dtype": "float64",
+                          "family_options": fam.options()})
+    batch = fam.sample_batch(2, g, dtype=F64)
+    mg = dataclasses.replace(meta_grad("maml", theta, batch, cfg.inner), phi=None)
+    with pytest.raises(ValueError, match="needs the old adapted parameters: mg.phi is None"):
+        fam.make_outer(cfg, theta).direct_fisher_vector_product(theta, batch, mg)
 
 
 def test_estimators_share_value_and_gradient_but_not_curvature():
@@ -248,6 +262,28 @@ def test_user_family_three_ways(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["adapt", str(run), "--task", '{"g": -1}'])
     assert r.exit_code == 2 and "gravity must be positive" in r.output
+
+
+class DictObservationEnv(gymnasium.Env):
+    observation_space = gymnasium.spaces.Dict({"pos": gymnasium.spaces.Box(-1.0, 1.0, (2,))})
+    action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,))
+
+
+class DictObservationFamily(RLFamily):
+    name = "dict-observation"
+
+    def sample_tasks(self, n, rng):
+        return [{} for _ in range(n)]
+
+    def make_env(self, task):
+        return DictObservationEnv()
+
+
+def test_an_observation_space_without_shape_is_one_config_error():
+    # np.prod(None) used to reach int(): a TypeError that named nothing
+    with pytest.raises(ConfigError, match=r"observation space Dict\('pos'.*has no shape.*"
+                                          r"gymnasium.wrappers.FlattenObservation"):
+        DictObservationFamily().init_params(torch.Generator(), torch.device("cpu"), F64)
 
 
 def test_plain_gymnasium_family_is_batched_over_envs():

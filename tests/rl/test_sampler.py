@@ -12,7 +12,7 @@ import torch
 import metarl.envs.navigation as nav
 from metarl.params import expand
 from metarl.rl.policies import CategoricalMLPPolicy, GaussianMLPPolicy
-from metarl.rl.sampler import BatchEnv, GymBatchEnv, Rollouts, sample
+from metarl.rl.sampler import BatchEnv, GymBatchEnv, NormalizedActions, Rollouts, sample
 
 T, E, H = 4, 5, 30
 
@@ -179,6 +179,35 @@ def test_sampler_errors():
         sample(pol, params_T, nav.Navigation2DBatchEnv(), tasks, E, 0, seed=0)
     with pytest.raises(ValueError, match="seed"):
         GymBatchEnv(_pendulum).reset([{"g": 1.0}], 1, seed=-1)
+
+
+class WholeBatchEnv:
+    """The navigation env with a reset that takes no ``offset``: it samples whole batches."""
+
+    def __init__(self):
+        self.env = nav.Navigation2DBatchEnv()
+
+    def reset(self, tasks, n_episodes, seed):
+        return self.env.reset(tasks, n_episodes, seed)
+
+    def step(self, actions):
+        return self.env.step(actions)
+
+
+def test_a_share_of_a_batch_needs_reset_to_take_offset():
+    pol, params_T, tasks = _nav_setup()
+    env = WholeBatchEnv()
+    sample(pol, params_T, env, tasks, E, 3, seed=0)  # the whole batch: no offset passed
+    match = (r"WholeBatchEnv.reset takes no keyword offset, which sampling a share of a batch "
+             r"\(tasks from row 2\) needs: add `\*, offset: int = 0` to reset")
+    with pytest.raises(TypeError, match=match):
+        sample(pol, params_T, env, tasks, E, 3, seed=0, rows=(2, T + 2))
+    with pytest.raises(TypeError, match=match):  # through the wrapper that rescales actions
+        sample(pol, params_T, NormalizedActions(env, -np.ones(2), np.ones(2)), tasks, E, 3,
+               seed=0, rows=(2, T + 2))
+    share = sample(pol, params_T, nav.Navigation2DBatchEnv(), tasks, E, 3, seed=0,
+                   rows=(2, T + 2))  # an env that takes it (and ignores it: fixed starts)
+    assert share.obs.shape == (T, E, 3, 2)
 
 
 def test_rollouts_to():
