@@ -6,14 +6,14 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 import typer
 from rich.progress import Progress
 from rich.table import Table
 
-from metarl.bench import SECTIONS, Scale, run_in_subprocess
+from metarl.bench import SECTIONS, Row, Scale, run_in_subprocess
 from metarl.checkpoint import atomic_write
 from metarl.cli.common import UserError, err, is_tty, out, user_errors
 from metarl.cli.settings import DEVICE_HELP, Device
@@ -50,7 +50,7 @@ def bench(
         results: dict[str, object] = {"machine": {"device": dev, "threads": threads,
                                                   "torch": torch.__version__,
                                                   "cpu": platform.processor() or platform.machine()}}
-        failed: list[tuple[str, dict]] = []
+        failed: list[tuple[str, Row]] = []
         for name in names:
             make_cases, _ = SECTIONS[name]
             if name == "omniglot":
@@ -86,7 +86,7 @@ def bench(
             raise typer.Exit(code=1)
 
 
-def _plain_table(name: str, rows: list[dict]) -> Table:
+def _plain_table(name: str, rows: list[Row]) -> Table:
     """One row per case, every field as a column."""
     table = Table(title=f"bench: {name}")
     keys: list[str] = []
@@ -99,7 +99,7 @@ def _plain_table(name: str, rows: list[dict]) -> Table:
     return table
 
 
-def _distributed_table(rows: list[dict]) -> Table:
+def _distributed_table(rows: list[Row]) -> Table:
     """One row per family: seconds per iteration on 1 process and on N, the speed-up, the
     sampling part of each, and what every rank all-reduces per iteration."""
     n = rows[0]["procs"] if rows else 2
@@ -124,7 +124,7 @@ def _fmt(v: object) -> str:
     return "" if v is None else str(v)
 
 
-def _table(name: str, rows: list[dict]) -> Table:
+def _table(name: str, rows: list[Row]) -> Table:
     """One row per (algo, k), the implementations side by side, each against the loop."""
     table = Table(title=f"bench: {name}")
     keys = [k for k in rows[0] if k not in ("impl", "sec_per_iter", "peak_mb", "error")] if rows else []
@@ -141,14 +141,14 @@ def _table(name: str, rows: list[dict]) -> Table:
             table.add_column("speed-up", justify="right")
     for i in impls:
         table.add_column(f"{i} peak MB", justify="right")
-    groups: dict[tuple, dict[str, dict]] = {}
+    groups: dict[tuple[Any, ...], dict[str, Row]] = {}
     for r in rows:
         groups.setdefault(tuple(r.get(k) for k in keys), {})[r.get("impl", "batched")] = r
 
-    def ms(r: dict) -> str:
+    def ms(r: Row) -> str:
         return r["error"][:30] if "error" in r else (f"{1e3 * r['sec_per_iter']:.2f}" if r else "")
 
-    def mb(r: dict) -> str:
+    def mb(r: Row) -> str:
         return f"{r['peak_mb']:.1f}" if r and "peak_mb" in r else ""
 
     for key, g in groups.items():

@@ -29,6 +29,7 @@ from metarl.cli.common import (
 from metarl.cli.settings import DEVICE_HELP, Device
 from metarl.evaluate import Curve, Evaluation, check_procs, evaluate_checkpoint
 from metarl.plots import adaptation_curves
+from metarl.rl.family import RLFamily
 from metarl.sb3 import SampleEfficiency
 from metarl.types import RunError
 
@@ -186,7 +187,7 @@ def check_ppo_baseline(run: checkpoint.Run, steps: int | None) -> None:
     from metarl import sb3
 
     family = run.family()
-    if family.kind != "rl":
+    if not isinstance(family, RLFamily):
         raise UserError(f"--baseline ppo is for RL families; {family.name!r} is {family.kind}")
     if steps == 0:
         raise UserError("--baseline ppo compares with adapted returns: give --steps 1 or more")
@@ -200,7 +201,7 @@ def ppo_baseline(run: checkpoint.Run, ev: Evaluation, *, steps: int, n_tasks: in
     from metarl import sb3
 
     family = run.family()
-    if family.kind != "rl" or ev.curve.per_task is None:
+    if not isinstance(family, RLFamily) or ev.curve.per_task is None:
         raise UserError(f"--baseline ppo is for RL families; {family.name!r} is {family.kind}")
     n = min(n_tasks, ev.curve.n_tasks)
     ks = [k for k in ev.curve.steps if k > 0]

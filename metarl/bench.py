@@ -81,7 +81,11 @@ def _rl_family(name: str, **options: Any) -> RLFamily:
 
 def _timeit(step: Callable[[], None], case: Case) -> float:
     dev = torch.device(case.device)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     for _ in range(case.warmup):
         step()
     sync()
@@ -188,14 +192,14 @@ def run_rl(case: Case) -> Row:
     theta = P.clone_leaf(theta)
     outer = fam.make_outer(cfg, theta)
 
-    def step() -> None:
+    def update() -> None:
         batch = fam.sample_batch(T, g, device=dev)
         outer.step(theta, batch, lambda th, b: meta_grad(case.algo, th, b, cfg.inner, cfg.imaml))
 
-    step()
+    update()
     with peak_memory(case.device) as peak:
-        step()
-    row.update(sec_per_iter=_timeit(step, case), peak_mb=peak.mb, outer="trpo", k=case.k)
+        update()
+    row.update(sec_per_iter=_timeit(update, case), peak_mb=peak.mb, outer="trpo", k=case.k)
     return row
 
 
@@ -208,7 +212,7 @@ def rl_cases(device: str, scale: Scale) -> Iterator[Case]:
                        device=device, meta_batch=2, repeats=1, warmup=0, options=tiny)
         return
     quick = scale == "quick"
-    r = dict(repeats=2 if quick else 5, warmup=1)
+    r: dict[str, Any] = dict(repeats=2 if quick else 5, warmup=1)
     for impl in ("tensor", "gym-batched", "one-by-one"):
         yield Case(section="rl", algo="sampler", k=0, impl=impl, device=device, meta_batch=20,
                    **{**r, "repeats": 2 if impl == "one-by-one" else r["repeats"]})
@@ -365,7 +369,10 @@ def run_locomotion(case: Case) -> Row:
     theta_T = P.expand(fam.init_params(torch.Generator().manual_seed(0), dev, torch.float32), T)
     env = fam.batch_env(dev, torch.float32)
 
+    from metarl.envs.locomotion import LocomotionSlots
+
     slots = fam.slots_factory()()  # the raw reference: the same models, stepped bare
+    assert isinstance(slots, LocomotionSlots)
     slot_tasks, slot_seeds = [t for t in tasks for _ in range(E)], list(range(T * E))
     slots.reset(slot_tasks, slot_seeds)
     sims = [e.sim for e in slots.envs]
@@ -449,7 +456,10 @@ def run_metaworld(case: Case) -> Row:
     theta_T = P.expand(fam.init_params(torch.Generator().manual_seed(0), dev, torch.float32), T)
     env = fam.batch_env(dev, torch.float32)
 
+    from metarl.envs.metaworld import MetaWorldSlots
+
     slots = fam.slots_factory()()  # the bare reference: the same environments, stepped alone
+    assert isinstance(slots, MetaWorldSlots)
     slot_tasks, slot_seeds = [t for t in tasks for _ in range(E)], list(range(T * E))
     slots.reset(slot_tasks, slot_seeds)
     sims = [sim.env for sim in slots.sims]
@@ -476,7 +486,9 @@ def run_metaworld(case: Case) -> Row:
         return _sampler_row(case, sampler_run, bare_run, "bare_metaworld_steps_per_sec", T, E, H,
                             workers)
     finally:
-        env.close()
+        close = getattr(env, "close", None)  # optional in the BatchEnv protocol
+        if close is not None:
+            close()
         slots.close()
 
 

@@ -304,9 +304,15 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
 
     Raises:
         ConfigError: more ranks than test tasks, or more ranks than the run's meta-batch
-            when the pretrained baseline must be trained (:func:`check_procs`).
+            when the pretrained baseline must be trained (:func:`check_procs`); test-time
+            batch sizes (``shots``, ``query``) given for an RL family.
     """
     family = run.family()
+    if overrides and family.kind == "rl":
+        names, verb = " and ".join(sorted(overrides)), "is" if len(overrides) == 1 else "are"
+        raise ConfigError(f"{names} (support and query sizes) {verb} for supervised families; "
+                          f"family {family.name!r} is RL: set the "
+                          "trajectories per adaptation step with rollouts (--rollouts)")
     d = family.defaults.eval
     cfg = run.config
     n = n_tasks if n_tasks is not None else d.tasks

@@ -43,3 +43,14 @@ def test_rl_scores_report_the_tasks_every_policy_is_tested_on():
         torch.Generator().manual_seed(0), kw["device"], kw["dtype"]),
         families.make("sinusoid", hidden=[4]), **kw)
     assert sup.tasks is None
+
+
+def test_supervised_batch_sizes_on_an_rl_run_are_one_line(tmp_path):
+    from tests.cli_run import one_line_error, run
+
+    out = tmp_path / "nav"
+    r = run("train", "--family", "navigation2d", "--iterations", 1, "--meta-batch", 2,
+            "--rollouts", 2, "--horizon", 5, "--family-opt", "hidden=[4]", "--out", out)
+    assert r.exit_code == 0, r.output
+    one_line_error(run("evaluate", out, "--shots", 5), "shots (support and query sizes) is for "
+                   "supervised families", "'navigation2d' is RL", "--rollouts")
