@@ -6,15 +6,19 @@ import torch
 from metarl import params as P
 from metarl.algorithms import exact, imaml, maml
 from metarl.inner import InnerConfig, adapt
+from metarl.models import conv
 from metarl.models.conv import ConvNet, batch_norm
 from metarl.tasks.supervised import Examples, SupervisedBatch, accuracy, cross_entropy
 
 F64 = torch.float64
-# grouped over all tasks, grouped in chunks (uneven), per-task loop, vmap; fused batch norm
+# grouped over all tasks, grouped in chunks (uneven), grouped recomputed in backward (one task
+# per chunk), per-task loop, vmap; fused batch norm
 IMPLS = [dict(impl="grouped", task_chunk=None), dict(impl="grouped", task_chunk=2),
+         dict(impl="grouped", task_chunk=1, recompute=True),
          dict(impl="loop"), dict(impl="vmap"), dict(impl="grouped", fused_bn=True),
          dict(impl="loop", fused_bn=True)]
-IMPL_IDS = ["grouped", "grouped-chunked", "loop", "vmap", "grouped-fused", "loop-fused"]
+IMPL_IDS = ["grouped", "grouped-chunked", "grouped-recompute", "loop", "vmap", "grouped-fused",
+            "loop-fused"]
 
 
 class SupportStatsBatch(SupervisedBatch):
@@ -81,26 +85,42 @@ def test_bad_inputs_are_clear_errors():
         ConvNet(5, downsample="avgpool")
 
 
-def test_automatic_task_chunks():
-    net = ConvNet(5)
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # 75 query images: 3.7 MB of first-block activation per task -> one task per chunk
-    assert net.chunk_size(32, 75, (28, 28), cpu, torch.float32) == 1
-    # 5 support images: 0.25 MB per task -> 8 tasks per chunk
-    assert net.chunk_size(32, 5, (28, 28), cpu, torch.float32) == 8
-    assert net.chunk_size(32, 75, (28, 28), cuda, torch.float32) == 32
-    assert ConvNet(5, task_chunk=4).chunk_size(32, 75, (28, 28), cpu, torch.float32) == 4
-    assert ConvNet(5, task_chunk=64).chunk_size(32, 5, (28, 28), cpu, torch.float32) == 32
+def test_automatic_task_chunks_and_recompute():
+    cpu, cuda, f32 = torch.device("cpu"), torch.device("cuda"), torch.float32
+    pool, stride = ConvNet(5, downsample="maxpool"), ConvNet(5)
+    # max-pool: the first block is 28x28. 75 query images: 15 MB per task -> one task per
+    # chunk, recomputed in backward; 5 support images: 1 MB per task -> 8 tasks, kept
+    assert pool.chunk_size(32, 75, (28, 28), cpu, f32) == 1
+    assert pool.chunk_size(32, 5, (28, 28), cpu, f32) == 8
+    assert pool.recomputes(75, (28, 28), cpu, f32) and not pool.recomputes(5, (28, 28), cpu, f32)
+    # stride 2: the first block is 14x14, a quarter of that
+    assert stride.chunk_size(32, 75, (28, 28), cpu, f32) == 2
+    assert stride.chunk_size(32, 5, (28, 28), cpu, f32) == 32
+    assert not stride.recomputes(75, (28, 28), cpu, f32)
+    # CUDA: all tasks at once, never recomputed; explicit settings win
+    assert pool.chunk_size(32, 75, (28, 28), cuda, f32) == 32
+    assert not pool.recomputes(75, (28, 28), cuda, f32)
+    assert ConvNet(5, task_chunk=4).chunk_size(32, 75, (28, 28), cpu, f32) == 4
+    assert ConvNet(5, task_chunk=64).chunk_size(32, 5, (28, 28), cpu, f32) == 32
+    assert ConvNet(5, recompute=True).recomputes(5, (28, 28), cuda, f32)
+    assert not ConvNet(5, downsample="maxpool", recompute=False).recomputes(75, (28, 28), cpu, f32)
 
 
 @pytest.mark.parametrize("downsample", ["stride", "maxpool"])
 @pytest.mark.parametrize("stats", ["batch", "support"])
-def test_impls_agree_on_outputs_and_gradients(downsample, stats):
+@pytest.mark.parametrize("data", ["uniform", "binary"])
+def test_impls_agree_on_outputs_and_gradients(downsample, stats, data):
+    """Binary images (Omniglot's ink) make constant patches, hence ties in the max-pool
+    windows; some batch-norm scales are negative (the grouped path pools by their sign)."""
     g = torch.Generator().manual_seed(0)
     T, size = 3, 16
     theta = ConvNet(4, filters=6).init(g, dtype=F64)
     theta = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=F64) for k, v in theta.items()}
+    for i in (0, 2):
+        theta[f"bn{i}.w"][::2] *= -1
     x, sx = images(g, T, 5, size), images(g, T, 4, size)
+    if data == "binary":
+        x, sx = (x < 0.3).to(F64), (sx < 0.3).to(F64)
     y = torch.randint(0, 4, (T, 5), generator=g)
     results = []
     for kw in IMPLS:
@@ -268,3 +288,73 @@ def test_plain_batch_norm_is_exact_to_third_order():
         h = 1e-5
         fd = float((derivs(h, m)[1] - derivs(-h, m)[1]).detach()) / (2 * h)
         assert abs(float(derivs(0.0, m)[2].detach()) - fd) <= 1e-6 * abs(fd)
+
+
+@pytest.mark.parametrize("downsample", ["stride", "maxpool"])
+@pytest.mark.parametrize("stats", ["batch", "support"])
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("large", [False, True])
+def test_grouped_fused_ops_are_exact_to_third_order(downsample, stats, recompute, large,
+                                                    monkeypatch):
+    """Third derivatives of the grouped path (fused first block, fused batch norm / pooling /
+    ReLU, recomputation) equal those of the plain-op loop, with negative batch-norm scales
+    and the first block computed a few images at a time; ``large`` takes the path of large
+    batches (channels-last convolutions, int64 pooling indices) instead of that of small
+    ones (NCHW convolutions, pooling indices as int16)."""
+    monkeypatch.setattr(conv, "BLOCK_BYTES", 1)  # one image per block
+    monkeypatch.setattr(conv, "RECOMPUTE_BYTES", 0 if large else 2**40)
+    g = torch.Generator().manual_seed(0)
+    T, size = 3, 16
+    theta = ConvNet(3, filters=4).init(g, dtype=F64)
+    theta = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=F64) for k, v in theta.items()}
+    for i in range(4):
+        theta[f"bn{i}.w"][1::2] *= -1
+    x, sx = images(g, T, 4, size), images(g, T, 3, size)
+    y = torch.randint(0, 3, (T, 4), generator=g)
+    results = []
+    for kw in (dict(impl="loop"), dict(impl="grouped", task_chunk=2, recompute=recompute)):
+        net = ConvNet(3, filters=4, downsample=downsample, **kw)
+        th = P.detach(P.expand(theta, T), requires_grad=True)
+        out = net(th, x, stats_x=sx if stats == "support" else None)
+        g1 = P.grads(cross_entropy(out, y).sum(), th, create_graph=True)
+        g2 = P.grads(P.task_dot(g1, g1).sum(), th, create_graph=True)
+        g3 = P.grads(P.task_dot(g2, g2).sum(), th)
+        results.append([P.flatten_tasks(t).detach() for t in (g1, g2, g3)])
+    for a, b in zip(*results):
+        assert exact.rel_error(b, a) <= 1e-12
+
+
+def test_recompute_keeps_only_the_inputs_and_gives_the_same_meta_gradient():
+    """With recompute the forward of a chunk saves nothing but its inputs (parameters and
+    images); the meta-gradient is the same as keeping the graph, to round-off in float64."""
+    g = torch.Generator().manual_seed(0)
+    T, ways = 3, 3
+    theta = ConvNet(ways, filters=8).init(g, dtype=F64)
+    x = images(g, T, 3 * ways, 28)
+    saved = {}
+    for rc in (False, True):
+        net = ConvNet(ways, filters=8, downsample="maxpool", recompute=rc)
+        th = P.detach(P.expand(theta, T), requires_grad=True)
+        nbytes = []
+
+        def pack(t, nbytes=nbytes):
+            nbytes.append(t.untyped_storage().nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(th, x)
+        saved[rc] = sum(nbytes)
+    inputs = x.untyped_storage().nbytes() + sum(v.numel() * 8 for v in theta.values())
+    assert saved[True] <= 1.01 * inputs < 0.2 * saved[False]
+
+    ys = torch.arange(ways).expand(T, -1)
+    yq = torch.arange(ways).repeat_interleave(2).expand(T, -1)
+    support, query = Examples(images(g, T, ways, 28), ys), Examples(x[:, :2 * ways], yq)
+    grads = []
+    for kw in (dict(impl="loop"), dict(recompute=False), dict(recompute=True),
+               dict(recompute=True, task_chunk=2)):
+        net = ConvNet(ways, filters=8, downsample="maxpool", **kw)
+        batch = SupervisedBatch(net, cross_entropy, accuracy, support, query)
+        grads.append(P.flatten(maml.meta_grad(theta, batch, InnerConfig(steps=2, lr=0.4)).grad))
+    for gr in grads[1:]:
+        assert exact.rel_error(gr, grads[0]) <= 1e-10
