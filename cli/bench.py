@@ -35,7 +35,10 @@ def bench(
     engine with a per-task loop for every algorithm at meta-batch 25 and
     k = 1, 5, 10, 20, 40. The distributed section times a training iteration of
     sinusoid, navigation2d and halfcheetah-vel on 1 process and on 2 gloo ranks (one
-    thread each, alternating) and counts the bytes all-reduced per iteration. Exit
+    thread each, alternating) and counts the bytes all-reduced per iteration. The
+    threads section times the automatic thread count (a run without --threads) against
+    one thread, torch's default and the per-task loop, quiet and beside a busy process
+    (it ignores --threads). Exit
     code 1 when a case failed (its row holds the error).
     Example: metarl bench --json bench.json
     """
@@ -74,6 +77,8 @@ def bench(
                          for r in rows)
             if name == "distributed" and not any("error" in r for r in rows):
                 out.print(_distributed_table(rows))
+            elif name == "threads" and not any("error" in r for r in rows):
+                out.print(_threads_table(rows))
             else:
                 out.print(_table(name, rows) if paired else _plain_table(name, rows))
         if json_path:
@@ -115,6 +120,34 @@ def _distributed_table(rows: list[Row]) -> Table:
                       f"{r['allreduces_per_iter']:g}",
                       f"{r['allreduce_bytes_per_iter'] / 1e3:.1f}",
                       f"{r['allreduce_sec_per_iter']:.3g}")
+    return table
+
+
+def _threads_table(rows: list[Row]) -> Table:
+    """One row per (workload, load): ms per iteration of the per-task loop (one thread)
+    and of the batched engine at each thread policy; the automatic count's choice and
+    its speed against the loop and against the best fixed count."""
+    table = Table(title="bench: threads (sinusoid MAML k=5, meta-batch 25; 'busy': a "
+                        "spinning process beside the case)")
+    for head in ("workload", "load", "loop 1 thread ms", "batched 1 thread ms",
+                 "batched torch default ms", "batched auto ms", "auto threads",
+                 "auto vs loop", "auto vs best fixed"):
+        table.add_column(head, justify="left" if head in ("workload", "load") else "right")
+    groups: dict[tuple[str, str], dict[str, Row]] = {}
+    for r in rows:
+        key = "loop" if r["impl"] == "loop" else r["policy"]
+        groups.setdefault((r["workload"], r["load"]), {})[key] = r
+    for (workload, load), g in groups.items():
+        def ms(k: str, g: dict[str, Row] = g) -> str:
+            return f"{1e3 * g[k]['sec_per_iter']:.2f}" if k in g else ""
+
+        auto = g.get("auto")
+        fixed = [g[k]["sec_per_iter"] for k in ("one", "torch-default") if k in g]
+        vs_loop = (f"{g['loop']['sec_per_iter'] / auto['sec_per_iter']:.1f}x faster"
+                   if auto and "loop" in g else "")
+        vs_best = f"{min(fixed) / auto['sec_per_iter']:.2f}x" if auto and fixed else ""
+        table.add_row(workload, load, ms("loop"), ms("one"), ms("torch-default"), ms("auto"),
+                      str(auto["threads"]) if auto else "", vs_loop, vs_best)
     return table
 
 

@@ -65,25 +65,26 @@ FAMILY_OPT_HELP = ("Override a family option of the run as KEY=VALUE (JSON value
                    "the model's shape are refused.")
 
 
-THREADS_HELP = ("Torch CPU threads (on a small shared machine 1 is often fastest). "
-                "\\[default: $METARL_THREADS, else torch's default]")
+THREADS_HELP = ("Torch CPU threads. Without it: as many as the CPUs other processes leave "
+                "idle, re-measured as the run goes (pass a number for bit-reproducible runs). "
+                "\\[default: $METARL_THREADS, else automatic]")
 
 
 def set_threads(n: int | None) -> None:
-    """Apply ``--threads`` (or ``$METARL_THREADS``); None leaves torch's default."""
+    """Apply ``--threads`` (or ``$METARL_THREADS``); None: the automatic policy of
+    ``metarl.threads``."""
     import os
 
-    import torch
+    from metarl import threads
 
     if n is None and os.environ.get("METARL_THREADS", "").strip():
         try:
             n = int(os.environ["METARL_THREADS"])
         except ValueError:
             raise UserError(f"METARL_THREADS={os.environ['METARL_THREADS']!r} is not an integer") from None
-    if n is not None:
-        if n < 1:
-            raise UserError(f"--threads must be >= 1, got {n}")
-        torch.set_num_threads(n)
+    if n is not None and n < 1:
+        raise UserError(f"--threads must be >= 1, got {n}")
+    threads.use(n)
 
 
 def is_tty() -> bool:

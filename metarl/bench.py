@@ -11,7 +11,8 @@ batched, chunked and looped), ``locomotion`` (halfcheetah-vel sampler against
 bare ``mj_step``), ``metaworld`` (ML1 reach-v3 sampler against bare Meta-World
 stepping; skipped without the ``metaworld`` extra), ``distributed`` (a training
 iteration on 1 process against 2 torch.distributed ranks, and the bytes all-reduced
-per iteration).
+per iteration), ``threads`` (the automatic thread count against one thread, torch's
+default and the per-task loop, on a quiet machine and beside a busy process).
 
 Each section's case list comes at a :data:`Scale`: ``"full"`` (the README's
 numbers), ``"quick"`` (fewer cases and repeats) or ``"tiny"`` (one case per section,
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from metarl import config as C
-from metarl import distributed, families
+from metarl import distributed, families, threads
 from metarl import params as P
 from metarl.algorithms import IMAMLConfig, meta_grad
 from metarl.inner import InnerConfig
@@ -688,6 +689,76 @@ def run_distributed(case: Case) -> Row:
             "allreduce_sec_per_iter": med(t.seconds for t in traffic)}
 
 
+THREAD_POLICIES = ("one", "torch-default", "auto")
+"""The thread counts the threads section compares: 1, torch's own default, and
+``metarl.threads``'s automatic choice (what a run without ``--threads`` uses)."""
+
+THREAD_WORKLOADS: dict[str, dict[str, Any]] = {
+    "sinusoid": {"hidden": [40, 40]},  # the paper's MLP: small ops, threads cannot help
+    "sinusoid-wide": {"hidden": [512, 512]},  # large enough for torch to split its matmuls
+}
+"""The threads section's workloads: sinusoid MAML (k = 5, meta-batch 25) at two widths."""
+
+BUSY = "import time\nwhile True:\n    time.time()\n"
+"""The busy process of the loaded cases: one pure-Python spin, a core's worth of load."""
+
+
+def threads_cases(device: str, scale: Scale) -> Iterator[Case]:
+    """Per workload and load (quiet, busy): the per-task loop at one thread, then the
+    batched engine at each of :data:`THREAD_POLICIES`."""
+    if scale == "tiny":
+        yield Case(section="threads", algo="maml", k=1, impl="batched", device=device,
+                   meta_batch=2, repeats=1, warmup=0,
+                   options={"workload": "sinusoid", "hidden": [8, 8], "load": "busy",
+                            "policy": "auto"})
+        return
+    quick = scale == "quick"
+    r: dict[str, Any] = dict(repeats=5 if quick else 10, warmup=2 if quick else 3)
+    for workload, opts in THREAD_WORKLOADS.items():
+        for load in ("quiet", "busy"):
+            for impl, policy in (("loop", "one"), *(("batched", p) for p in THREAD_POLICIES)):
+                yield Case(section="threads", algo="maml", k=5, impl=impl, device=device,
+                           options={"workload": workload, **opts, "load": load,
+                                    "policy": policy}, **r)
+
+
+def run_threads(case: Case) -> Row:
+    """Seconds per sinusoid meta-iteration under one thread policy, with a busy process
+    running beside this one when ``load`` is ``"busy"`` (started first, so that the
+    automatic policy's first measurement sees it). The automatic policy re-measures
+    before every iteration, as a training run does."""
+    opts = dict(case.options or {})
+    workload, load, policy = opts.pop("workload"), opts.pop("load"), opts.pop("policy")
+    busy = None
+    if load == "busy":
+        busy = subprocess.Popen([sys.executable, "-c", BUSY])
+        time.sleep(0.5)
+    try:
+        if policy == "one":
+            threads.use(1)
+        elif policy == "torch-default":
+            threads.use(threads.TORCH_DEFAULT)
+        else:
+            threads.use(None)
+        inner_step = _supervised_step("sinusoid", case, opts, inner_lr=0.01, imaml_lam=10.0,
+                                      imaml_cg=5)
+
+        def step() -> None:
+            threads.tick()
+            inner_step()
+
+        sec = _timeit(step, case)
+        gov = threads.current()
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    return {"workload": workload, "load": load, "algo": case.algo, "k": case.k,
+            "impl": case.impl, "policy": policy, "threads": torch.get_num_threads(),
+            "others": None if gov is None else round(gov.others, 2),
+            "chosen": None if gov is None else sorted(set(gov.history)), "sec_per_iter": sec}
+
+
 SECTIONS: dict[str, tuple[Callable[..., Iterator[Case]], Callable[[Case], Row]]] = {
     "sinusoid": (sinusoid_cases, run_sinusoid),
     "rl": (rl_cases, run_rl),
@@ -695,6 +766,7 @@ SECTIONS: dict[str, tuple[Callable[..., Iterator[Case]], Callable[[Case], Row]]]
     "locomotion": (locomotion_cases, run_locomotion),
     "metaworld": (metaworld_cases, run_metaworld),
     "distributed": (distributed_cases, run_distributed),
+    "threads": (threads_cases, run_threads),
 }
 """name -> (cases(device, scale[, data]), run(case) -> row)."""
 
@@ -702,7 +774,11 @@ SECTIONS: dict[str, tuple[Callable[..., Iterator[Case]], Callable[[Case], Row]]]
 def run_in_subprocess(case: Case, timeout: float = 900) -> Row:
     """Run one case in a fresh interpreter and return its row (an ``error`` key if it failed)."""
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    if case.section == "threads":  # each case sets its own count; torch's default must be
+        env.pop("OMP_NUM_THREADS", None)  # the machine's, not one inherited
+        env.pop("METARL_THREADS", None)
+    else:
+        env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     proc = subprocess.run([sys.executable, "-m", "metarl.bench", json.dumps(asdict(case))],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -713,7 +789,8 @@ def run_in_subprocess(case: Case, timeout: float = 900) -> Row:
 
 def worker(case_json: str) -> None:
     case = Case(**json.loads(case_json))
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if case.section != "threads":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     row = SECTIONS[case.section][1](case)
     print(json.dumps(row))
 

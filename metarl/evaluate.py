@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from metarl import checkpoint, distributed
+from metarl import checkpoint, distributed, threads
 from metarl import params as P
 from metarl.checkpoint import Run
 from metarl.families import Family
@@ -114,6 +114,7 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
     rows, tasks = [], []
     extra_rows: dict[str, list[torch.Tensor]] = {}
     for start in range(0, n_tasks, chunk):
+        threads.tick()
         T = min(chunk, n_tasks - start)
         batch, n_mine = _test_share(family, T, gen, group, device=device, dtype=dtype,
                                     **overrides)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from metarl import checkpoint, distributed, families
+from metarl import checkpoint, distributed, families, threads
 from metarl import params as P
 from metarl.algorithms import MetaGrad, meta_grad
 from metarl.config import TrainConfig
@@ -272,6 +272,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
     with open(out / METRICS, "a") if group.is_main else contextlib.nullcontext() as log_file:
         try:
             for it in range(start + 1, cfg.iterations + 1):
+                threads.tick()  # the automatic thread count follows the machine's load
                 t_it = time.perf_counter()
                 batch = sample_share(family, cfg.meta_batch, g_tasks, group, device=device,
                                      dtype=dtype)
@@ -336,8 +337,9 @@ def time_metrics(batch: TaskBatch, seconds: float) -> dict[str, float]:
     """Wall seconds of the iteration; for RL, split into sampling (environment
     steps and the policy calls that choose the actions) and update (losses,
     meta-gradient, line search and baseline fits). Read after the metrics, which
-    wait for the device, so the update time includes the device's work."""
-    m = {"time/iteration": seconds}
+    wait for the device, so the update time includes the device's work. Also the
+    torch thread count the iteration ran with (``metarl.threads``)."""
+    m = {"time/iteration": seconds, "time/threads": float(torch.get_num_threads())}
     if isinstance(batch, RLTaskBatch):
         sampled = batch.sample_seconds
         m["time/sample"] = sampled

@@ -193,3 +193,17 @@ def test_scales_shrink_the_case_lists(name, n_tiny):
     assert len(tiny) == n_tiny < len(quick) <= len(full)
     assert all(c.repeats == 1 and c.warmup == 0 and c.meta_batch <= 2 for c in tiny)
     assert all(c.repeats > 1 for c in quick + full)
+
+
+def test_threads_section_measures_the_automatic_count_beside_a_busy_process(tmp_path):
+    """The tiny case runs the automatic policy with a spinning process beside it: the row
+    names the policy, the count it chose and the load it measured (about one CPU)."""
+    rows = run_section("threads", tmp_path)
+    assert len(rows) == 1 and "error" not in rows[0], rows
+    r = rows[0]
+    assert (r["workload"], r["load"], r["policy"]) == ("sinusoid", "busy", "auto")
+    assert r["sec_per_iter"] > 0 and r["threads"] >= 1 and r["chosen"]
+    assert r["others"] is not None and r["others"] > 0.5
+    full = list(bench.threads_cases("cpu", "full"))
+    assert {(c.impl, c.options["policy"]) for c in full} == {
+        ("loop", "one"), ("batched", "one"), ("batched", "torch-default"), ("batched", "auto")}
