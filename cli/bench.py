@@ -35,7 +35,7 @@ def bench(
     engine with a per-task loop for every algorithm at meta-batch 25 and
     k = 1, 5, 10, 20, 40. The distributed section times a training iteration of
     sinusoid, navigation2d and halfcheetah-vel on 1 process and on 2 gloo ranks (one
-    thread each, alternating) and counts the bytes all-reduced per iteration. The
+    thread each, alternating) and counts the collectives' bytes per iteration. The
     threads section times the automatic thread count (a run without --threads) against
     one thread, torch's default and the per-task loop, quiet and beside a busy process
     (it ignores --threads). Exit
@@ -106,20 +106,20 @@ def _plain_table(name: str, rows: list[Row]) -> Table:
 
 def _distributed_table(rows: list[Row]) -> Table:
     """One row per family: seconds per iteration on 1 process and on N, the speed-up, the
-    sampling part of each, and what every rank all-reduces per iteration."""
+    sampling part of each, and what every rank hands to collectives per iteration."""
     n = rows[0]["procs"] if rows else 2
     table = Table(title=f"bench: distributed (1 vs {n} processes, one thread each; a "
                         "training iteration: sampling and update)")
     for head in ("family", "T", "params", "1 proc s/it", f"{n} procs s/it", "speed-up",
-                 "sampling 1 / n s", "all-reduces/it", "KB/it", "in all-reduces s/it"):
+                 "sampling 1 / n s", "collectives/it", "KB/it", "in collectives s/it"):
         table.add_column(head, justify="left" if head == "family" else "right")
     for r in rows:
         table.add_row(r["family"], str(r["T"]), str(r["params"]), f"{r['sec_per_iter_1']:.4g}",
                       f"{r['sec_per_iter_n']:.4g}", f"{r['speedup']:.2f}x",
                       f"{r['sample_sec_1']:.3g} / {r['sample_sec_n']:.3g}",
-                      f"{r['allreduces_per_iter']:g}",
-                      f"{r['allreduce_bytes_per_iter'] / 1e3:.1f}",
-                      f"{r['allreduce_sec_per_iter']:.3g}")
+                      f"{r['collectives_per_iter']:g}",
+                      f"{r['collective_bytes_per_iter'] / 1e3:.1f}",
+                      f"{r['collective_sec_per_iter']:.3g}")
     return table
 
 

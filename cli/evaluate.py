@@ -107,8 +107,9 @@ def evaluate(
                                  pretrained=pretrained, pretrain_iterations=pretrain_iterations,
                                  proximal=proximal, notify=lambda m: err.print(m, markup=False),
                                  **overrides)
-        if not distributed.current().is_main:
-            distributed.shutdown()
+        main = distributed.current().is_main
+        distributed.shutdown()  # the collectives are over (no-op for one process)
+        if not main:
             return  # rank 0 prints and writes
         curves = [ev.curve, *ev.baselines]
         digits = decimals([v for c in curves for v in c.ci95])

@@ -162,6 +162,7 @@ def train(
                 raise typer.Exit(code=e.exit_code) from None
             finally:
                 signal.signal(signal.SIGTERM, previous)
+        distributed.shutdown()  # every rank leaves the process group (no-op for one process)
         if not main:
             return
         err.print(f"done: {result.iterations} iterations in {result.seconds:.1f} s "

@@ -10,8 +10,8 @@ sampler throughput and MAML-TRPO iterations), ``omniglot`` (5-way 1-shot conv-4,
 batched, chunked and looped), ``locomotion`` (halfcheetah-vel sampler against
 bare ``mj_step``), ``metaworld`` (ML1 reach-v3 sampler against bare Meta-World
 stepping; skipped without the ``metaworld`` extra), ``distributed`` (a training
-iteration on 1 process against 2 torch.distributed ranks, and the bytes all-reduced
-per iteration), ``threads`` (the automatic thread count against one thread, torch's
+iteration on 1 process against 2 torch.distributed ranks, and the bytes of its
+collectives per iteration), ``threads`` (the automatic thread count against one thread, torch's
 default and the per-task loop, on a quiet machine and beside a busy process).
 
 Each section's case list comes at a :data:`Scale`: ``"full"`` (the README's
@@ -22,7 +22,6 @@ in seconds, and measures nothing worth reading).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -48,7 +47,7 @@ from metarl.rl.batch import masked_task_mean
 from metarl.rl.family import RLFamily
 from metarl.rl.sampler import GymBatchEnv, sample
 from metarl.rl.trpo import FAST_FISHER_SUBSAMPLE
-from metarl.train import make_outer, sample_share
+from metarl.train import make_outer, meta_batch_grad, sample_share
 from metarl.types import Params
 
 Row = dict[str, Any]
@@ -553,7 +552,7 @@ def distributed_cases(device: str, scale: Scale) -> Iterator[Case]:
 
 
 Timing = tuple[float, float, distributed.Traffic]
-"""One iteration: (seconds, sampling seconds, this rank's all-reduce traffic)."""
+"""One iteration: (seconds, sampling seconds, this rank's collectives' traffic)."""
 
 
 def _training_iteration(case: Case, group: distributed.Group) -> Callable[[], Timing]:
@@ -572,10 +571,7 @@ def _training_iteration(case: Case, group: distributed.Group) -> Callable[[], Ti
     g_init, g_tasks = torch.Generator().manual_seed(0), torch.Generator().manual_seed(7919)
     theta = P.clone_leaf(fam.init_params(g_init, dev, dtype))
     outer = make_outer(cfg, theta, fam, group)
-
-    def compute(th: Params, batch: Any) -> Any:
-        mg = meta_grad(cfg.algo, th, batch, cfg.inner, cfg.imaml)
-        return dataclasses.replace(mg, grad=group.task_mean_params(mg.grad, batch.n_tasks))
+    compute = meta_batch_grad(cfg, group)
 
     def run() -> Timing:
         before = distributed.TRAFFIC.snapshot()
@@ -616,9 +612,10 @@ def run_distributed(case: Case) -> Row:
 
     Row: seconds per iteration on 1 process (``sec_per_iter_1``) and on ``procs``
     (``sec_per_iter_n``), ``speedup`` = their ratio, the sampling seconds of each (the
-    slowest rank's), and per rank and iteration the all-reduces' count, payload bytes
-    (``allreduce_bytes_per_iter``; one process reduces nothing) and seconds spent in them
-    (transfer and waiting for the other ranks), with the parameter count."""
+    slowest rank's), and per rank and iteration the collectives' (all-gathers of per-task
+    rows, all-reduces) count, payload bytes (``collective_bytes_per_iter``; one process
+    communicates nothing) and seconds spent in them (transfer and waiting for the other
+    ranks), with the parameter count."""
     import multiprocessing as mp
 
     from metarl import bench as this  # the ranks import it by name, not as __main__
@@ -684,9 +681,9 @@ def run_distributed(case: Case) -> Row:
             "sec_per_iter_1": sec_1, "sec_per_iter_n": sec_n, "speedup": sec_1 / sec_n,
             "sample_sec_1": med(a[1] for a, _ in pairs),
             "sample_sec_n": med(b[1] for _, b in pairs),
-            "allreduces_per_iter": med(t.calls for t in traffic),
-            "allreduce_bytes_per_iter": med(t.bytes for t in traffic),
-            "allreduce_sec_per_iter": med(t.seconds for t in traffic)}
+            "collectives_per_iter": med(t.calls for t in traffic),
+            "collective_bytes_per_iter": med(t.bytes for t in traffic),
+            "collective_sec_per_iter": med(t.seconds for t in traffic)}
 
 
 THREAD_POLICIES = ("one", "torch-default", "auto")

@@ -4,14 +4,12 @@ The meta-batch is the unit that is split: tasks are independent until their
 meta-gradients are averaged. Every rank draws the same T tasks from the shared
 seed and keeps a contiguous share of them (:meth:`Group.share`), samples its own
 trajectories with its own environments and computes its part of every task
-mean. What is global is reduced: a rank's mean over its ``n_r`` tasks enters
-the global mean with weight ``n_r / T``,
-
-    mean_T(x) = sum_r (n_r / T) * mean_{n_r}(x),
-
-for the meta-gradient, every Fisher-vector product of TRPO's conjugate
-gradient, its ``s^T F s``, the line search's loss and KL of each candidate,
-and the logged metrics; every rank then takes the same step. Per-task work
+mean. What is global is reduced: the meta-gradient, every Fisher-vector product
+of TRPO's conjugate gradient, its ``s^T F s`` and the line search's loss and KL
+of each candidate are gathered as per-task rows and averaged in task order
+(:meth:`Group.ordered_mean`), so that N processes compute what one process does
+to the last bit and every rank takes the same step; the logged metrics are
+all-reduced as ``sum_r n_r mean_r / T`` (:meth:`Group.task_mean`). Per-task work
 (inner steps, baseline fits, iMAML's per-task CG) stays local. There is no DDP
 wrapper: its hooks assume one set of parameters, not one per task.
 
@@ -56,18 +54,24 @@ class PeerError(RunError):
 
 @dataclass
 class Traffic:
-    """What this process's all-reduces (:meth:`Group._all_reduce`: every task mean, hence
-    every collective of a training iteration) moved: ``calls``, ``bytes`` (the payload,
-    ``numel * element_size`` of each reduced tensor, as this rank hands it in; a ring
-    all-reduce sends about ``2 (world - 1) / world`` times that per rank) and ``seconds``
-    spent inside them (gloo: transfer and waiting for the slowest rank; NCCL returns once
-    the reduction is queued, so there it is only the launch). A group of one reduces
+    """What this process's collectives (every all-reduce of :meth:`Group._all_reduce` and
+    all-gather of :meth:`Group.gather_rows`: every task mean of a training iteration)
+    moved: ``calls``, ``bytes`` (the payload, ``numel * element_size`` of each tensor as
+    this rank hands it in; a ring all-reduce sends about ``2 (world - 1) / world`` times
+    that per rank, an all-gather receives ``world - 1`` times it) and ``seconds`` spent
+    inside them (gloo: transfer and waiting for the slowest rank; NCCL returns once the
+    collective is queued, so there it is only the launch). A group of one reduces
     nothing and counts nothing. ``metarl bench --section distributed`` reads it per
     iteration."""
 
     calls: int = 0
     bytes: int = 0
     seconds: float = 0.0
+
+    def count(self, payload: Tensor, seconds: float) -> None:
+        self.calls += 1
+        self.bytes += payload.numel() * payload.element_size()
+        self.seconds += seconds
 
     def snapshot(self) -> Traffic:
         return Traffic(self.calls, self.bytes, self.seconds)
@@ -111,13 +115,6 @@ class Group:
         y = self._all_reduce(y)
         return (y[:-1] / y[-1]).reshape(local_mean.shape).to(local_mean.device)
 
-    def task_mean_params(self, local: Params, n_local: int) -> Params:
-        """:meth:`task_mean` of every leaf, in one collective."""
-        if self.world == 1:
-            return local
-        like = {k: v.detach() for k, v in local.items()}
-        return P.unflatten(self.task_mean(P.flatten(like), n_local), like)
-
     def task_mean_metrics(self, metrics: dict[str, float], n_local: int) -> dict[str, float]:
         """Logged metrics (each a mean over this rank's tasks) as means over all tasks, in
         one collective. Every rank logs the same keys."""
@@ -127,6 +124,35 @@ class Group:
         v = self.task_mean(torch.tensor([metrics[k] for k in keys], dtype=torch.float64),
                            n_local)
         return dict(zip(keys, v.tolist()))
+
+    def task_counts(self, n_local: int) -> list[int]:
+        """Every rank's number of tasks, in rank order, from this rank's ``n_local`` (one
+        small all-gather; no communication for one process)."""
+        if self.world == 1:
+            return [n_local]
+        return [int(c) for c in self.gather_rows(torch.tensor([[n_local]]), [1] * self.world)[:, 0]]
+
+    def ordered_mean(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        """The mean over every rank's tasks of per-task ``rows`` (``[n_local, ...]``, this
+        rank's tasks in task order; ``counts`` from :meth:`task_counts` or :meth:`counts`).
+
+        The rows are gathered and summed in task order, so every rank performs the same
+        floating-point operations as one process holding all ``sum(counts)`` rows: the
+        result does not depend on how the tasks are split, to the last bit (an all-reduce
+        of rank means rounds differently for each split, which TRPO's conjugate gradient
+        amplifies by the Fisher's condition number). Costs ``sum(counts)`` rows of traffic
+        per rank instead of one.
+        """
+        whole = self.gather_rows(rows.detach().contiguous(), counts)
+        return whole.reshape(whole.shape[0], -1).mean(0).reshape(rows.shape[1:])
+
+    def ordered_mean_params(self, rows: Params, counts: Sequence[int]) -> Params:
+        """:meth:`ordered_mean` of per-task parameter stacks (leaves ``[n_local, *shape]``),
+        in one collective."""
+        n = next(iter(rows.values())).shape[0]
+        flat = torch.cat([v.detach().reshape(n, -1) for v in rows.values()], 1)
+        like = {k: v[0].detach() for k, v in rows.items()}
+        return P.unflatten(self.ordered_mean(flat, counts), like)
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""
@@ -159,10 +185,12 @@ class Group:
         padded = torch.zeros((width, *x.shape[1:]), dtype=x.dtype, device=_comm_device())
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(self.world)]
+        t0 = time.perf_counter()
         try:
             dist.all_gather(parts, padded)
         except (RuntimeError, dist.DistError) as e:
             raise PeerError(_peer_message(e)) from None
+        TRAFFIC.count(padded, time.perf_counter() - t0)
         return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(x.device)
 
     def _all_reduce(self, x: Tensor) -> Tensor:
@@ -172,9 +200,7 @@ class Group:
             dist.all_reduce(y, op=dist.ReduceOp.SUM)
         except (RuntimeError, dist.DistError) as e:  # a peer died or raised
             raise PeerError(_peer_message(e)) from None
-        TRAFFIC.calls += 1
-        TRAFFIC.bytes += y.numel() * y.element_size()
-        TRAFFIC.seconds += time.perf_counter() - t0
+        TRAFFIC.count(y, time.perf_counter() - t0)
         return y
 
 

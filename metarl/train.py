@@ -85,6 +85,22 @@ def sample_share(family: Family, n: int, generator: torch.Generator, group: dist
     return batch.select(share)
 
 
+def meta_batch_grad(cfg: TrainConfig,
+                    group: distributed.Group) -> Callable[[Params, TaskBatch], MetaGrad]:
+    """``(theta, this rank's tasks) -> MetaGrad`` whose ``grad`` is the mean over the whole
+    meta-batch of ``cfg.meta_batch`` tasks: the per-task gradients averaged in task order
+    (:meth:`~metarl.distributed.Group.ordered_mean`), so the step is the same to the last
+    bit on any number of processes."""
+
+    def compute(theta: Params, batch: TaskBatch) -> MetaGrad:
+        mg = meta_grad(cfg.algo, theta, batch, cfg.inner, cfg.imaml, chunk=cfg.task_chunk)
+        assert mg.task_grads is not None  # every algorithm of meta_grad returns them
+        grad = group.ordered_mean_params(mg.task_grads, group.counts(cfg.meta_batch))
+        return dataclasses.replace(mg, grad=grad)
+
+    return compute
+
+
 def seeds(seed: int) -> tuple[torch.Generator, torch.Generator]:
     """Generators of the initial parameters and of the training tasks."""
     return (torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 7919))
@@ -249,10 +265,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
         logged = trim_metrics(out, start) if resume else 0.0
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    def compute(th: Params, batch: TaskBatch) -> MetaGrad:
-        mg = meta_grad(cfg.algo, th, batch, cfg.inner, cfg.imaml, chunk=cfg.task_chunk)
-        # this rank's mean over its tasks -> the mean over the whole meta-batch
-        return dataclasses.replace(mg, grad=group.task_mean_params(mg.grad, batch.n_tasks))
+    compute = meta_batch_grad(cfg, group)
 
     def save(iteration: int) -> None:
         if group.is_main:

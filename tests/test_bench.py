@@ -25,8 +25,8 @@ KEYS = {  # (section, algo) -> the keys of its rows
                                "env_steps_per_sec", "bare_metaworld_steps_per_sec", "overhead"},
     ("distributed", "maml"): {"algo", "impl", "family", "T", "procs", "params",
                               "sec_per_iter_1", "sec_per_iter_n", "speedup", "sample_sec_1",
-                              "sample_sec_n", "allreduces_per_iter", "allreduce_bytes_per_iter",
-                              "allreduce_sec_per_iter"},
+                              "sample_sec_n", "collectives_per_iter", "collective_bytes_per_iter",
+                              "collective_sec_per_iter"},
 }
 
 
@@ -126,22 +126,23 @@ def test_distributed_section(tmp_path):
         for key in ("sec_per_iter_1", "sec_per_iter_n", "speedup"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r)
         assert r["speedup"] == pytest.approx(r["sec_per_iter_1"] / r["sec_per_iter_n"])
-        assert r["allreduce_bytes_per_iter"] > 0 and r["allreduce_sec_per_iter"] >= 0
+        assert r["collective_bytes_per_iter"] > 0 and r["collective_sec_per_iter"] >= 0
     sin, *trpo = rows
-    # sinusoid, MAML + Adam: one all-reduce, the meta-gradient and the task count in float32
+    # one task per rank, float32 rows. Sinusoid, MAML + Adam: one all-gather of the task's
+    # meta-gradient
     n = mlp_params(1, [8, 8], 1)
     assert sin["params"] == n
-    assert (sin["allreduces_per_iter"], sin["allreduce_bytes_per_iter"]) == (1, 4 * (n + 1))
-    # MAML-TRPO (2 CG iterations, 2 line-search steps): theta and the count for the
-    # meta-gradient, the 2 Fisher-vector products and s^T F s; the loss at theta and its
-    # count; per line-search candidate its loss, KL and count, all float32
+    assert (sin["collectives_per_iter"], sin["collective_bytes_per_iter"]) == (1, 4 * n)
+    # MAML-TRPO (2 CG iterations, 2 line-search steps): the task's meta-gradient, the task
+    # counts (one int64), its rows of the 2 Fisher-vector products and of s^T F s, its loss
+    # at theta, its loss and KL of each line-search candidate
     spaces = {"navigation2d": (2, 2), "halfcheetah-vel": (17, 6)}
     for r in trpo:
         obs, act = spaces[r["family"]]
         assert r["params"] == mlp_params(obs, [8, 8], act) + act  # + the log-std
-        candidates = r["allreduces_per_iter"] - 5
+        candidates = r["collectives_per_iter"] - 6
         assert candidates in (1, 2), r
-        assert r["allreduce_bytes_per_iter"] == 4 * (4 * (r["params"] + 1) + 2 + 3 * candidates)
+        assert r["collective_bytes_per_iter"] == 4 * 4 * r["params"] + 8 + 4 + 8 * candidates
 
 
 def test_distributed_cases():

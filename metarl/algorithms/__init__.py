@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from metarl import params as P
 from metarl.algorithms import imaml, maml, reptile
 from metarl.algorithms.base import MetaGrad
 from metarl.algorithms.imaml import IMAMLConfig
@@ -45,9 +46,14 @@ def meta_grad(algo: str, theta: Params, batch: TaskBatch, inner: InnerConfig,
 
 
 def _merge(parts: list[tuple[MetaGrad, int]], T: int) -> MetaGrad:
-    """Task-weighted mean of chunk meta-gradients; per-task values concatenated."""
+    """Task-weighted mean of chunk meta-gradients; per-task values (gradients included)
+    concatenated."""
     first = parts[0][0]
-    grad = {k: torch.stack([mg.grad[k] * (n / T) for mg, n in parts]).sum(0) for k in first.grad}
+    rows = [mg.task_grads for mg, _ in parts]
+    task_grads = ({k: torch.cat([r[k] for r in rows if r is not None]) for k in first.grad}
+                  if None not in rows else None)
+    grad = (P.task_mean(task_grads) if task_grads is not None else
+            {k: torch.stack([mg.grad[k] * (n / T) for mg, n in parts]).sum(0) for k in first.grad})
     inner_losses = [torch.cat([mg.inner_losses[j] for mg, _ in parts])
                     for j in range(len(first.inner_losses))]
     outers = [mg.outer_loss for mg, _ in parts]
@@ -56,8 +62,8 @@ def _merge(parts: list[tuple[MetaGrad, int]], T: int) -> MetaGrad:
     phi = ({k: torch.cat([p[k] for p in phis if p is not None]) for k in phis[0]}
            if phis[0] is not None and None not in phis else None)
     extra = {k: sum(mg.extra[k] * n for mg, n in parts) / T for k in first.extra}
-    return MetaGrad(grad=grad, inner_losses=inner_losses, outer_loss=outer_loss, phi=phi,
-                    extra=extra)
+    return MetaGrad(grad=grad, task_grads=task_grads, inner_losses=inner_losses,
+                    outer_loss=outer_loss, phi=phi, extra=extra)
 
 
 def loop_meta_grad(algo: str, theta: Params, batch: TaskBatch, inner: InnerConfig,

@@ -19,6 +19,10 @@ class MetaGrad:
     """
 
     grad: Params
+    task_grads: Params | None = None
+    """Each task's gradient ``[T, *shape]``, whose mean over tasks is ``grad``: ranks
+    sharing a meta-batch average these in task order (see
+    :meth:`metarl.distributed.Group.ordered_mean`)."""
     inner_losses: list[Tensor] = field(default_factory=list)
     """Inner loss ``[T]`` at each inner step (step 0 is at theta)."""
     outer_loss: Tensor | None = None

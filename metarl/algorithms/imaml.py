@@ -72,6 +72,6 @@ def meta_grad(theta: Params, batch: TaskBatch, inner: InnerConfig,
     if frac > 0:
         log.debug("iMAML: (I + H/lam) not positive definite for %d of %d tasks; raise lam or "
                   "cg_damping", round(frac * T), T)
-    return MetaGrad(grad=P.task_mean(g_T), inner_losses=ad.losses, outer_loss=L_out.detach(),
-                    phi=P.detach(phi), inner_data=ad.data, outer_data=out_data,
-                    extra={"imaml/cg_indefinite": frac})
+    return MetaGrad(grad=P.task_mean(g_T), task_grads=g_T, inner_losses=ad.losses,
+                    outer_loss=L_out.detach(), phi=P.detach(phi), inner_data=ad.data,
+                    outer_data=out_data, extra={"imaml/cg_indefinite": frac})

@@ -40,8 +40,9 @@ def meta_grad(theta: Params, batch: TaskBatch, inner: InnerConfig, *,
     out_data = batch.outer_data(phi)
     L_out = check_task_losses(batch.outer_loss(phi, out_data), T, "outer_loss")  # [T]
     if first_order:
-        grad = P.task_mean(P.grads(L_out.sum(), phi))  # d phi_k / d theta := I
-    else:
-        grad = P.grads(L_out.mean(), theta)  # through every inner step
-    return MetaGrad(grad=grad, inner_losses=ad.losses, outer_loss=L_out.detach(),
-                    phi=P.detach(phi), inner_data=ad.data, outer_data=out_data)
+        task_grads = P.grads(L_out.sum(), phi)  # d phi_k / d theta := I
+    else:  # through every inner step, one row per task (the rows of theta_T)
+        task_grads = P.grads(L_out.sum(), theta_T)
+    return MetaGrad(grad=P.task_mean(task_grads), task_grads=task_grads, inner_losses=ad.losses,
+                    outer_loss=L_out.detach(), phi=P.detach(phi), inner_data=ad.data,
+                    outer_data=out_data)

@@ -30,13 +30,13 @@ def meta_grad(theta: Params, batch: TaskBatch, inner: InnerConfig, *,
     theta_T = P.expand(theta, T)
     ad = adapt(theta_T, batch, inner, create_graph=False)
     phi = ad.phi
-    direction = P.task_mean(P.sub(theta_T, phi))  # mean_t (theta - phi_k,t)
+    rows = P.sub(theta_T, phi)  # theta - phi_k,t per task
     if scale and inner.steps > 0:
-        direction = P.scale(direction, 1.0 / inner.lr_sum())
+        rows = P.scale(rows, 1.0 / inner.lr_sum())
     L_out, out_data = None, None
     if score:
         with torch.no_grad():
             out_data = batch.outer_data(phi)
             L_out = check_task_losses(batch.outer_loss(phi, out_data), T, "outer_loss")
-    return MetaGrad(grad=direction, inner_losses=ad.losses, outer_loss=L_out,
-                    phi=phi, inner_data=ad.data, outer_data=out_data)
+    return MetaGrad(grad=P.task_mean(rows), task_grads=rows, inner_losses=ad.losses,
+                    outer_loss=L_out, phi=phi, inner_data=ad.data, outer_data=out_data)

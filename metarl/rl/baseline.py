@@ -95,7 +95,10 @@ class LinearFeatureBaseline:
     def predict(self, obs: Tensor, coeffs: Tensor, mask: Tensor | None = None) -> Tensor:
         """Values ``[T, E, H]`` (in ``obs.dtype``) from ``coeffs [T, F]``; 0 where ``mask`` is 0."""
         phi = self.features(obs.to(torch.float64))  # [T, E, H, F]
-        values = torch.einsum("tehf,tf->teh", phi, coeffs).to(obs.dtype)  # [T, E, H]
+        # a product and a sum, not einsum/bmm: those fold a batch of one task into a
+        # matrix-vector kernel that rounds differently, and a task's values must not depend
+        # on how many tasks share its batch (distributed ranks hold different numbers)
+        values = (phi * coeffs[:, None, None, :]).sum(-1).to(obs.dtype)  # [T, E, H]
         return values if mask is None else values * mask.to(values.dtype)
 
     def fit_predict(self, obs: Tensor, returns: Tensor, mask: Tensor) -> Tensor:

@@ -6,8 +6,12 @@ All functions take ``[T, E, H]`` tensors (tasks, episodes, time steps) and a
 whether the episode terminated or was truncated at the horizon, is 0 (as in
 rllab and the MAML-RL code).
 
-The sums over future steps are one matrix product with a ``[H, H]`` matrix of
-discount powers: no loop over tasks, episodes or time.
+The sums over future steps are one backward recursion over time on whole
+``[T, E]`` slices: no loop over tasks or episodes, and every element rounded the
+same way whatever the batch holds (a matrix product with a ``[H, H]`` matrix of
+discount powers folds the tasks into the product's rows, and its kernel, hence
+its rounding, changes with their number; ranks holding different numbers of
+tasks must compute each task's values to the same bits).
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ def discount_cumsum(x: Tensor, factor: float) -> Tensor:
         ``[..., H]``, same dtype and device as ``x``; differentiable in ``x``.
     """
     H = x.shape[-1]
-    idx = torch.arange(H, device=x.device, dtype=torch.float64)
-    expo = idx.unsqueeze(0) - idx.unsqueeze(1)  # [H, H]: k - h
-    base = torch.tensor(float(factor), dtype=torch.float64, device=x.device)
-    powers = base.pow(expo.clamp(min=0)) * (expo >= 0)  # [H, H]: [h, k] = factor^(k-h), k >= h
-    return x @ powers.to(x.dtype).T  # [..., H]
+    if H == 0:
+        return x.clone()
+    acc = x[..., H - 1]
+    out = [acc]
+    for h in range(H - 2, -1, -1):  # y_h = x_h + factor * y_{h+1}
+        acc = x[..., h] + factor * acc
+        out.append(acc)
+    return torch.stack(out[::-1], dim=-1)  # [..., H]
 
 
 def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:

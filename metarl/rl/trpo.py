@@ -146,8 +146,9 @@ class TRPO:
         self.readapt_steps = inner or InnerConfig()
         self.group = group
         """The ranks sharing the meta-batch: each Fisher-vector product, s^T F s and each
-        candidate's loss and KL are means over all of their tasks, so every rank takes
-        the same step (one process: the group of one, no communication)."""
+        candidate's loss and KL are means over all of their tasks, averaged in task order,
+        so every rank takes the step one process takes, to the last bit (one process: the
+        group of one, no communication)."""
 
     def fisher_data(self, batch: RLTaskBatch, mg: MetaGrad) -> tuple[list[Data], Data]:
         """The inner and post-adaptation data the Fisher-vector products use: all of
@@ -164,7 +165,15 @@ class TRPO:
 
     def fisher_vector_product(self, theta: Params, batch: RLTaskBatch,
                               mg: MetaGrad) -> Callable[[Tensor], Tensor]:
-        """``v -> (F + damping I) v`` with F the Hessian of the mean KL at theta.
+        """``v -> (F + damping I) v`` with F the Hessian of the mean KL at theta: the mean
+        over tasks of :meth:`task_fisher_vector_products`."""
+        rows = self.task_fisher_vector_products(theta, batch, mg)
+        counts = [batch.n_tasks]
+        return lambda v: LOCAL.ordered_mean(rows(v), counts) + self.cfg.damping * v
+
+    def task_fisher_vector_products(self, theta: Params, batch: RLTaskBatch,
+                                    mg: MetaGrad) -> Callable[[Tensor], Tensor]:
+        """``v -> [F_t v]_t``, ``[T, dim theta]``, F_t the Hessian of task t's KL at theta.
 
         At theta the new adapted policy equals the old one, so the KL's gradient
         vanishes there and its Hessian through the inner steps is exactly
@@ -194,7 +203,7 @@ class TRPO:
                 inner_hvps.append((alpha, H))
                 phi = P.add(phi, g, -alpha)  # phi_{j+1}, from the same graph
         phi_k = P.detach(old, requires_grad=True)
-        grad_kl = P.grads(batch.kl(old, phi_k, out).mean(), phi_k, create_graph=True)  # [T, ...]
+        grad_kl = P.grads(batch.kl(old, phi_k, out).sum(), phi_k, create_graph=True)  # [T, ...]
         like = {k: v[0] for k, v in phi_k.items()}
 
         def J(u: Params, order: list[tuple[float, Callable[[Params], Params]]]) -> Params:
@@ -204,9 +213,9 @@ class TRPO:
 
         def F(v: Tensor) -> Tensor:
             u = J(P.expand(P.unflatten(v, like), T), inner_hvps)  # J v, per task
-            w = P.grads(P.task_dot(grad_kl, u).sum(), phi_k, retain_graph=True)  # F_phi J v / T
-            w = J(w, inner_hvps[::-1])  # J^T F_phi J v / T (each H_j symmetric)
-            return P.flatten({k: x.sum(0) for k, x in w.items()}) + self.cfg.damping * v
+            w = P.grads(P.task_dot(grad_kl, u).sum(), phi_k, retain_graph=True)  # F_phi J v
+            w = J(w, inner_hvps[::-1])  # J^T F_phi J v (each H_j symmetric), per task
+            return torch.cat([x.reshape(T, -1) for x in w.values()], 1)
 
         return F
 
@@ -246,11 +255,12 @@ class TRPO:
         if mg.phi is None or mg.outer_data is None or mg.outer_loss is None:
             raise ConfigError("TRPO needs the adapted parameters and post-adaptation trajectories")
         check_finite(mg.grad, "the meta-gradient")
-        F_local = self.fisher_vector_product(theta, batch, mg)  # flat v -> (F + damping I) v
-        n, group = batch.n_tasks, self.group
+        rows = self.task_fisher_vector_products(theta, batch, mg)  # flat v -> [F_t v]_t
+        group = self.group
+        counts = group.task_counts(batch.n_tasks)
 
-        def F(v: Tensor) -> Tensor:  # over every rank's tasks
-            return group.task_mean(F_local(v), n)
+        def F(v: Tensor) -> Tensor:  # (F + damping I) v, F the mean over every rank's tasks
+            return group.ordered_mean(rows(v), counts) + cfg.damping * v
 
         like = P.detach(theta)
         s_tree, indefinite = cg(lambda u: P.unflatten(F(P.flatten(u)), like),
@@ -262,7 +272,7 @@ class TRPO:
         else:
             sFs = float(s @ F(s))  # the exact path: one more product
         theta0 = P.flatten(P.detach(theta))
-        L0 = float(group.task_mean(mg.outer_loss.mean(), n))
+        L0 = float(group.ordered_mean(mg.outer_loss, counts))
         accepted, frac, kl_new, L_new = False, 0.0, 0.0, L0
         if sFs > 0 and math.isfinite(sFs):
             full = s * math.sqrt(2 * cfg.max_kl / sFs)
@@ -273,8 +283,8 @@ class TRPO:
                 phi = P.detach(self.readapt(cand, batch, mg.inner_data, False))
                 with torch.no_grad():
                     L_T, kl_T = score(phi)  # [T], [T] on every post-adaptation trajectory
-                    L_new, kl_new = group.task_mean(torch.stack([L_T.mean(), kl_T.mean()]),
-                                                    n).tolist()
+                    L_new, kl_new = group.ordered_mean(torch.stack([L_T, kl_T], 1),
+                                                       counts).tolist()
                 if L_new < L0 and kl_new <= cfg.max_kl:
                     accepted = True
                     break
