@@ -102,8 +102,10 @@ from metarl.types import Params
 
 Downsample = Literal["stride", "maxpool"]
 Impl = Literal["auto", "grouped", "loop", "vmap"]
+BNScale = Literal["one", "uniform"]
 DOWNSAMPLE = ("stride", "maxpool")
 IMPLS = ("auto", "grouped", "loop", "vmap")
+BN_SCALES = ("one", "uniform")
 
 CHUNK_BYTES = 8 * 2**20
 """CPU budget for one chunk of tasks: bytes of its first-block activation (measured optimum)."""
@@ -560,6 +562,11 @@ class ConvNet:
             tasks of 5 support images, 1 task of 75 query images at 28x28 with
             max-pooling). Ignored by ``"loop"`` and ``"vmap"``.
         eps: batch-norm epsilon (1e-3, TensorFlow's default that MAML used).
+        bn_scale: initial batch-norm scales: ``"one"`` (MAML's TensorFlow code) or
+            ``"uniform"``, drawn from U(0, 1) (PyTorch's reset of ``BatchNorm2d`` before
+            1.2, which learn2learn's Omniglot net keeps).
+        head_std: standard deviation of the initial head weights (1: MAML's and
+            learn2learn's N(0, 1)).
         fused_bn: ``"loop"`` only: transductive batch norm by the fused ``F.batch_norm``
             (12-22% faster) instead of plain tensor ops. Exact for MAML and iMAML (second
             order) but NOT for third derivatives (e.g. a Hessian of the MAML
@@ -577,7 +584,8 @@ class ConvNet:
     def __init__(self, ways: int, *, in_channels: int = 1, filters: int = 64, blocks: int = 4,
                  downsample: Downsample = "stride", impl: Impl = "auto",
                  task_chunk: int | None = None, eps: float = 1e-3,
-                 fused_bn: bool = False, recompute: bool | None = None) -> None:
+                 bn_scale: BNScale = "one", head_std: float = 1.0, fused_bn: bool = False,
+                 recompute: bool | None = None) -> None:
         if downsample not in DOWNSAMPLE:
             raise ValueError(f"unknown downsample {downsample!r}: use 'stride' or 'maxpool'")
         if impl not in IMPLS:
@@ -590,6 +598,11 @@ class ConvNet:
             raise ValueError(f"task_chunk must be >= 1 or None (automatic), got {task_chunk}")
         if eps <= 0:
             raise ValueError(f"batch-norm eps must be > 0, got {eps}")
+        if bn_scale not in BN_SCALES:
+            raise ValueError(f"unknown bn_scale {bn_scale!r}: use 'one' or 'uniform'")
+        if head_std <= 0:
+            raise ValueError(f"head_std must be > 0, got {head_std}")
+        self.bn_scale, self.head_std = bn_scale, head_std
         self.ways, self.in_channels, self.filters, self.blocks = ways, in_channels, filters, blocks
         self.downsample, self.impl, self.task_chunk, self.eps = downsample, impl, task_chunk, eps
         self.fused_bn, self.recompute = fused_bn, recompute
@@ -598,7 +611,9 @@ class ConvNet:
     def init(self, generator: torch.Generator, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> Params:
         """MAML's initialisation: Xavier-uniform convolutions, zero biases, batch-norm
-        scale 1 and shift 0, head weights N(0, 1), head bias 0."""
+        scale 1 (or U(0, 1) with ``bn_scale="uniform"``, drawn after each block's
+        convolution) and shift 0, head weights N(0, head_std^2) (N(0, 1) by default), head
+        bias 0."""
         p: Params = {}
         c, f = self.in_channels, self.filters
         for i in range(self.blocks):
@@ -606,10 +621,12 @@ class ConvNet:
             p[f"conv{i}.w"] = (torch.rand(f, c, 3, 3, generator=generator, dtype=torch.float64)
                                * 2 - 1) * bound
             p[f"conv{i}.b"] = torch.zeros(f, dtype=torch.float64)
-            p[f"bn{i}.w"] = torch.ones(f, dtype=torch.float64)
+            p[f"bn{i}.w"] = (torch.rand(f, generator=generator, dtype=torch.float64)
+                             if self.bn_scale == "uniform" else torch.ones(f, dtype=torch.float64))
             p[f"bn{i}.b"] = torch.zeros(f, dtype=torch.float64)
             c = f
-        p["head.w"] = torch.randn(f, self.ways, generator=generator, dtype=torch.float64)
+        p["head.w"] = torch.randn(f, self.ways, generator=generator,
+                                  dtype=torch.float64) * self.head_std
         p["head.b"] = torch.zeros(self.ways, dtype=torch.float64)
         return {k: v.to(device=device, dtype=dtype) for k, v in p.items()}
 

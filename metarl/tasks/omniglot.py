@@ -57,13 +57,22 @@ class OmniglotFamily(FamilyBase):
     seed (the paper's 1200 of 1623 for meta-training; the same fraction for other
     data) or by alphabet, and each character rotated by 0/90/180/270 degrees is a
     class of its own on both sides, as in MAML's code. ``eval_data`` meta-tests on
-    another data set, all of whose characters are test classes.
+    another data set, all of whose characters are test classes. ``val_fraction > 0``
+    holds that share of the meta-train characters (alphabets with ``split=alphabet``)
+    out as the meta-test pool, to choose settings on validation classes; the test
+    classes are then never seen.
 
     Model: 4 x [conv 3x3, 64 filters, batch norm, ReLU, stride 2], mean over
     space, linear head; per-task weights batched over tasks. Batch norm uses the
     statistics of the task's own batch (transductive, as the published MAML
     numbers did); ``transductive=False`` normalises the query set with the
     support set's statistics.
+
+    Initialisation: Xavier-uniform convolutions, head weights N(0, ``head_std``^2),
+    batch-norm shifts 0 and scales drawn from U(0, 1) (``bn_scale="uniform"``, the
+    default), or all 1 as in MAML's TensorFlow code (``bn_scale="one"``, to reproduce
+    the paper). The uniform scales were chosen on validation characters: +7 points of
+    5-way 1-shot accuracy after 300 iterations (README, "Omniglot initialisation").
 
     Defaults follow the MAML paper: 5-way, 1 inner step at lr 0.4 (3 at test),
     meta-batch 32; 20-way, 5 steps at lr 0.1, meta-batch 16; Adam 1e-3; 60,000
@@ -83,7 +92,9 @@ class OmniglotFamily(FamilyBase):
                  split_seed: int = 0, transductive: bool = True,
                  eval_data: str | Sequence[str] | None = None, cache_dir: str | None = None,
                  filters: int = 64, downsample: Literal["stride", "maxpool"] = "stride",
-                 impl: Literal["auto", "grouped", "loop", "vmap"] = "auto") -> None:
+                 impl: Literal["auto", "grouped", "loop", "vmap"] = "auto",
+                 bn_scale: Literal["one", "uniform"] = "uniform", bn_eps: float = 1e-3,
+                 head_std: float = 1.0, val_fraction: float = 0.0) -> None:
         from metarl.models.conv import ConvNet
 
         for what, v, lo in (("ways", ways, 2), ("shots", shots, 1), ("query", query, 1),
@@ -91,14 +102,22 @@ class OmniglotFamily(FamilyBase):
             require(int(v) >= lo, self.name, what, v, f">= {lo}")
         require(split in ("character", "alphabet"), self.name, "split", split,
                 "character or alphabet")
+        require(bn_scale in ("one", "uniform"), self.name, "bn_scale", bn_scale, "one or uniform")
+        require(float(bn_eps) > 0, self.name, "bn_eps", bn_eps, "> 0")
+        require(float(head_std) > 0, self.name, "head_std", head_std, "> 0")
+        require(0.0 <= float(val_fraction) < 1.0, self.name, "val_fraction", val_fraction,
+                "in [0, 1)")
         self.data = _paths(data) or _paths(os.environ.get(DATA_ENV))
         self.eval_data = _paths(eval_data)
         self.ways, self.shots, self.query = int(ways), int(shots), int(query)
         self.split, self.split_seed, self.transductive = split, int(split_seed), bool(transductive)
         self.cache_dir, self.filters = cache_dir, int(filters)
         self.downsample, self.impl = downsample, impl
+        self.bn_scale, self.bn_eps, self.head_std = bn_scale, float(bn_eps), float(head_std)
+        self.val_fraction = float(val_fraction)
         try:
-            self.model = ConvNet(self.ways, filters=self.filters, downsample=downsample, impl=impl)
+            self.model = ConvNet(self.ways, filters=self.filters, downsample=downsample, impl=impl,
+                                 eps=self.bn_eps, bn_scale=bn_scale, head_std=self.head_std)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -119,7 +138,9 @@ class OmniglotFamily(FamilyBase):
                 "split": self.split, "split_seed": self.split_seed,
                 "transductive": self.transductive, "eval_data": self.eval_data,
                 "cache_dir": self.cache_dir, "filters": self.filters,
-                "downsample": self.downsample, "impl": self.impl}
+                "downsample": self.downsample, "impl": self.impl, "bn_scale": self.bn_scale,
+                "bn_eps": self.bn_eps, "head_std": self.head_std,
+                "val_fraction": self.val_fraction}
 
     def describe(self) -> str:
         return inspect.cleandoc(type(self).__doc__ or "") + (
@@ -139,9 +160,21 @@ class OmniglotFamily(FamilyBase):
     @cached_property
     def pools(self) -> tuple[Any, Any]:
         """(meta-train pool, meta-test pool) of classes."""
-        from metarl.tasks.omniglot_data import OmniglotPool, omniglot_pools
+        from metarl.tasks.omniglot_data import OmniglotPool, omniglot_pools, split_characters
 
-        train, test = omniglot_pools(self._load(self.data), split=self.split, seed=self.split_seed)
+        data = self._load(self.data)
+        if self.val_fraction > 0:  # validation: held-out meta-train classes; test ones unused
+            train_idx, _ = split_characters(data.chars, split=self.split, seed=self.split_seed)
+            sub = [data.chars[i] for i in train_idx.tolist()]
+            keep, val = split_characters(sub, split=self.split, seed=self.split_seed + 1,
+                                         train_fraction=1.0 - self.val_fraction)
+            if len(keep) == 0 or len(val) == 0:
+                raise ConfigError(f"omniglot val_fraction={self.val_fraction} leaves "
+                                  f"{len(keep)} meta-train and {len(val)} validation "
+                                  f"{self.split}s of {len(sub)}: choose another fraction")
+            return (OmniglotPool(data.images[train_idx[keep]], rotations=True),
+                    OmniglotPool(data.images[train_idx[val]], rotations=True))
+        train, test = omniglot_pools(data, split=self.split, seed=self.split_seed)
         if self.eval_data:
             test = OmniglotPool(self._load(self.eval_data).images, rotations=True)
         return train, test
@@ -168,9 +201,11 @@ class OmniglotFamily(FamilyBase):
                              transductive=self.transductive)
 
 
-def _paths(value: str | Sequence[str] | None) -> list[str]:
+def _paths(value: str | os.PathLike[str] | Sequence[str] | None) -> list[str]:
     if value is None or value == "":
         return []
+    if isinstance(value, os.PathLike):
+        return [os.fspath(value)]
     if isinstance(value, str):
         return [p for p in value.split(os.pathsep) if p]
     return [str(p) for p in value]

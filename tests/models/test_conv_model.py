@@ -64,6 +64,19 @@ def test_shapes_and_parameter_names():
         assert out.shape == (3, 7, 5)
 
 
+def test_initialisation_options():
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    maml_init = ConvNet(5, filters=8).init(g())
+    assert all(torch.equal(maml_init[f"bn{i}.w"], torch.ones(8)) for i in range(4))
+    uniform = ConvNet(5, filters=8, bn_scale="uniform").init(g())
+    scales = torch.stack([uniform[f"bn{i}.w"] for i in range(4)])
+    assert ((scales > 0) & (scales < 1)).all() and scales.std() > 0.1  # U(0, 1)
+    assert not torch.equal(uniform["bn0.w"], uniform["bn1.w"])
+    half = ConvNet(5, filters=8, head_std=0.5).init(g())  # the same draws, the head scaled
+    assert torch.equal(half["head.w"], 0.5 * maml_init["head.w"])
+    assert all(torch.equal(half[k], maml_init[k]) for k in maml_init if k != "head.w")
+
+
 def test_bad_inputs_are_clear_errors():
     net = ConvNet(5, filters=4)
     theta = net.init(torch.Generator().manual_seed(0))
@@ -83,6 +96,10 @@ def test_bad_inputs_are_clear_errors():
         ConvNet(5, impl="cuda")
     with pytest.raises(ValueError, match=r"unknown downsample"):
         ConvNet(5, downsample="avgpool")
+    with pytest.raises(ValueError, match=r"unknown bn_scale 'zero'"):
+        ConvNet(5, bn_scale="zero")
+    with pytest.raises(ValueError, match=r"head_std must be > 0"):
+        ConvNet(5, head_std=0.0)
 
 
 def test_automatic_task_chunks_and_recompute():

@@ -22,6 +22,7 @@ from metarl.tasks.omniglot_data import (
     omniglot_pools,
     split_characters,
 )
+from metarl.types import ConfigError
 
 # the project's shared data sit beside the checkout (../shared), in CI too
 SHARED_ZIP = (Path(__file__).resolve().parents[3] / "shared" / "data" / "omniglot"
@@ -543,3 +544,20 @@ def test_shared_background_small1_split(tmp_path):
     assert batch.x_support.shape == (4, 100, 1, 28, 28)
     a_train, a_test = omniglot_pools(data, split="alphabet", rotate_test=False)
     assert a_test.n_classes == a_test.n_chars and a_train.n_chars + a_test.n_chars == SMALL1_CHARS
+
+
+@pytest.mark.skipif(not SHARED_ZIP.is_file(), reason=f"{SHARED_ZIP} absent (shared Omniglot split)")
+@pytest.mark.parametrize("split", ["character", "alphabet"])
+def test_validation_classes_come_from_the_meta_train_side(split):
+    from metarl.tasks.omniglot import OmniglotFamily
+
+    def rows(pool):  # each character's 20 drawings (rotation 0) as one row of bytes
+        return {bytes(x.numpy()) for x in pool.images}
+
+    train, test = (rows(p) for p in OmniglotFamily(str(SHARED_ZIP), split=split).pools)
+    keep, val = (rows(p) for p in OmniglotFamily(str(SHARED_ZIP), split=split,
+                                                 val_fraction=0.25).pools)
+    assert keep | val == train and not keep & val and not (keep | val) & test
+    assert 0.15 < len(val) / len(train) < 0.45
+    with pytest.raises(ConfigError, match="val_fraction=0.999 leaves"):
+        _ = OmniglotFamily(str(SHARED_ZIP), split=split, val_fraction=0.999).pools
