@@ -57,7 +57,8 @@ def adapt(
             inner_lr if isinstance(inner_lr, tuple) else (inner_lr,)))
         dev, dtype = resolve_device(device.value), resolve_dtype(run_.config.dtype)
         phi, returns = adapt_to_task(family, run_.theta, spec, steps=steps, lr=rates,
-                                     rollouts=rollouts, seed=seed, device=dev, dtype=dtype)
+                                     rollouts=rollouts, seed=seed, device=dev, dtype=dtype,
+                                     rule=run_.config.inner)
         table = Table(title=f"{family.name}: adapting to {spec}")
         table.add_column("after step", justify="right")
         table.add_column("average return", justify="right")

@@ -123,8 +123,9 @@ def train(
             distributed.check_port(port)
         main = distributed.env_rank() == 0
         if main and not os.environ.get(distributed.ERRORS_ENV):  # our launcher said it already
+            rule = "" if cfg.inner.optimizer == "sgd" else f"{cfg.inner.optimizer} "
             err.print(f"training {cfg.algo} on {fam.name} for {cfg.iterations} iterations "
-                      f"(meta-batch {cfg.meta_batch}, k={cfg.inner.steps}, inner lr "
+                      f"(meta-batch {cfg.meta_batch}, k={cfg.inner.steps}, inner {rule}lr "
                       f"{cfg.inner.lr}){f' on {procs} processes' if many else ''} -> {run_dir}",
                       markup=False)
         if many:

@@ -61,6 +61,9 @@ class OuterConfig:
     adapted policies)."""
     lr: float = 1e-3
     """Outer learning rate (adam and sgd; TRPO's step is set by max_kl)."""
+    lr_final: float | None = None
+    """Anneal the outer learning rate linearly from outer-lr to this over the iterations
+    (Reptile's meta-step, 1 -> 0); None keeps it constant."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OUTER_OPTIMIZERS:
@@ -68,6 +71,11 @@ class OuterConfig:
                               f"{', '.join(OUTER_OPTIMIZERS)}")
         if not self.lr > 0:
             raise ConfigError(f"outer-lr must be > 0, got {self.lr}")
+        if self.lr_final is not None and not self.lr_final >= 0:
+            raise ConfigError(f"outer-lr-final must be >= 0, got {self.lr_final}")
+        if self.lr_final is not None and self.optimizer == "trpo":
+            raise ConfigError("outer-lr-final anneals adam's or sgd's learning rate; TRPO's step "
+                              "is set by max_kl: drop --outer-lr-final")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +131,14 @@ class TrainConfig:
             raise ConfigError(f"unknown device {self.device!r}: use auto, cpu or cuda")
         if self.dtype not in get_args(DTypeName):
             raise ConfigError(f"unknown dtype {self.dtype!r}: use float32 or float64")
+        if self.inner.optimizer == "adam" and self.algo in ("maml", "imaml"):
+            how = "differentiates through" if self.algo == "maml" else "solves"
+            raise ConfigError(f"--inner-optimizer adam is first order; --algo {self.algo} {how} "
+                              "its SGD inner steps: use --algo reptile or fomaml, or "
+                              "--inner-optimizer sgd")
+        if self.inner.optimizer == "adam" and self.outer.optimizer == "trpo":
+            raise ConfigError("--inner-optimizer adam does not run with --outer trpo (TRPO "
+                              "differentiates through the inner steps): use --outer adam or sgd")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready nested dict (what ``config.json`` and checkpoints hold)."""
@@ -197,8 +213,8 @@ class Defaults:
         if ov is None:
             return self.train.inner
         base = self.train.inner
-        return InnerConfig(steps=base.steps if ov.steps is None else ov.steps,
-                           lr=base.lr if ov.lr is None else ov.lr)
+        return base.with_steps(base.steps if ov.steps is None else ov.steps,
+                               base.lr if ov.lr is None else ov.lr)
 
 
 # --- field docs, types and checking ---------------------------------------------

@@ -94,11 +94,13 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
                       lr: float | tuple[float, ...], seed: int, device: torch.device,
                       dtype: torch.dtype, chunk: int = 600, prox_lam: float | None = None,
                       group: distributed.Group = distributed.LOCAL,
-                      **overrides: Any) -> Scores:
+                      rule: InnerConfig | None = None, **overrides: Any) -> Scores:
     """Per-task metric after 0..K steps of gradient descent on the inner loss.
 
     With ``prox_lam`` the steps descend iMAML's proximal inner objective
     ``L_in(phi) + lam/2 |phi - theta|^2`` (an iMAML model adapts as it was trained).
+    ``rule``: the inner optimizer and its settings (a run's ``config.inner``: a model
+    trained with an inner Adam adapts with it); None: plain gradient steps.
 
     Tasks are drawn from the test split with ``seed + TEST_SEED_OFFSET`` and
     processed ``chunk`` at a time (all tasks of a chunk adapt as one batch): every
@@ -108,7 +110,7 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
     with the trajectories those tasks have in the whole chunk) and every rank returns
     all ``n_tasks`` rows, in task order: the values of one process, up to round-off.
     """
-    cfg = InnerConfig(steps=steps, lr=lr)
+    cfg = (rule or InnerConfig()).with_steps(steps, lr)
     gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
     theta = P.to(P.detach(theta), device, dtype)
     rows, tasks = [], []
@@ -180,6 +182,7 @@ def score_while_adapting(batch: TaskBatch, phi: Params, steps: int, cfg: InnerCo
     extra_metrics = batch.extra_metrics if isinstance(batch, ReportsExtraMetrics) else None
     vals: list[torch.Tensor] = []
     extra: dict[str, list[torch.Tensor]] = {}
+    state = None  # inner Adam's moments, carried from step to step
     for j in range(steps + 1):
         data = batch.inner_data(phi) if on_inner else None
         with torch.no_grad():
@@ -188,19 +191,22 @@ def score_while_adapting(batch: TaskBatch, phi: Params, steps: int, cfg: InnerCo
             for name, v in (extra_metrics(phi, scored) if extra_metrics else {}).items():
                 extra.setdefault(name, []).append(v.double().cpu())
         if j < steps:
-            phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)), create_graph=False,
-                        data=[data] if on_inner else None, prox=prox).phi
+            ad = adapt(phi, batch, cfg.with_steps(1, cfg.lr_at(j)), create_graph=False,
+                       data=[data] if on_inner else None, prox=prox, state=state)
+            phi, state = ad.phi, ad.state
     return phi, vals, extra
 
 
 def adapt_to_task(family: RLFamily, theta: Params, task: dict[str, Any], *, steps: int,
                   lr: tuple[float, ...], rollouts: int | None, seed: int, device: torch.device,
-                  dtype: torch.dtype) -> tuple[Params, list[float]]:
+                  dtype: torch.dtype, rule: InnerConfig | None = None
+                  ) -> tuple[Params, list[float]]:
     """Adapt to one task: returns the adapted parameters (no task dim) and the average
-    return of the trajectories sampled before each step and after the last."""
+    return of the trajectories sampled before each step and after the last (``rule``: the
+    inner optimizer, as in :func:`adaptation_values`)."""
     batch = family.batch_for([task], seed, device=device, dtype=dtype, rollouts=rollouts)
     phi, vals, _ = score_while_adapting(batch, P.expand(P.to(theta, device, dtype), 1), steps,
-                                        InnerConfig(steps=steps, lr=lr))
+                                        (rule or InnerConfig()).with_steps(steps, lr))
     return {k: v[0].detach() for k, v in phi.items()}, [float(v[0]) for v in vals]
 
 
@@ -326,13 +332,14 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
                 pretrain_iterations=pretrain_iterations)
     common: dict[str, Any] = dict(n_tasks=n, steps=k, lr=tuple(rates), seed=seed, device=dev,
                                   dtype=dtype, chunk=chunk or family.eval_chunk, group=group,
-                                  **overrides)
+                                  rule=cfg.inner, **overrides)
     prox_lam = cfg.imaml.lam if cfg.algo == "imaml" and proximal else None
     scores = adaptation_values(run.theta, family, prox_lam=prox_lam, **common)
     result = Evaluation(family=family.name, algo=cfg.algo, metric=family.metric,
                         curve=scores.curve(cfg.algo),
                         settings={"n_tasks": n, "steps": k, "lr": list(rates), "seed": seed,
-                                  "proximal_lam": prox_lam, "family_options": family.options(),
+                                  "proximal_lam": prox_lam, "inner_optimizer": cfg.inner.optimizer,
+                                  "family_options": family.options(),
                                   **overrides})
     if baselines and family.kind == "rl":
         if pretrained is not None:
@@ -405,7 +412,8 @@ def pretrained_baseline(run: Run, *, iterations: int, progress: Any = None) -> P
     group.barrier()
     if cached is not None:
         return cached
-    cfg = run.config.replace({"algo": "maml", "inner": {"steps": 0}, "iterations": iterations,
+    cfg = run.config.replace({"algo": "maml", "inner": {"steps": 0, "optimizer": "sgd"},
+                              "iterations": iterations,
                               "log_every": max(1, iterations // 10),
                               "checkpoint_every": iterations})
     train(cfg, pretrained_cache(run), overwrite=True, progress=progress)

@@ -7,8 +7,10 @@ proximal solve.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -19,12 +21,20 @@ from metarl.types import ConfigError, Data, Params, TaskBatch, check_task_losses
 
 @dataclass(frozen=True, kw_only=True)
 class InnerConfig:
-    """How each task adapts: ``phi_{j+1} = phi_j - alpha_j * grad L_in(phi_j)``."""
+    """How each task adapts: ``phi_{j+1} = phi_j - alpha_j * grad L_in(phi_j)`` (sgd), or
+    Adam's step on the same gradients with per-task moments (adam)."""
 
     steps: int = 1
     """Inner gradient steps per task (k). 0 scores theta itself."""
     lr: float | tuple[float, ...] = 0.01
     """Inner learning rate alpha; a tuple gives one rate per step, the last repeated."""
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    """Inner optimizer: sgd, or adam (per-task moments started at zero for every task, as
+    Reptile's protocol; first order: reptile and fomaml only)."""
+    adam_beta1: float = 0.0
+    """Inner Adam's first-moment decay (Reptile's 0: no momentum)."""
+    adam_beta2: float = 0.999
+    """Inner Adam's second-moment decay."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -32,6 +42,17 @@ class InnerConfig:
         lrs = self.lr if isinstance(self.lr, tuple) else (self.lr,)
         if not lrs or any(a <= 0 for a in lrs):
             raise ConfigError(f"inner lr must be positive, got {self.lr}")
+        if self.optimizer not in INNER_OPTIMIZERS:
+            raise ConfigError(f"unknown inner optimizer {self.optimizer!r}: use one of "
+                              f"{', '.join(INNER_OPTIMIZERS)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                flag = "inner-" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be in [0, 1), got {getattr(self, name)}")
+
+    def with_steps(self, steps: int, lr: float | tuple[float, ...]) -> InnerConfig:
+        """The same update rule (optimizer and its settings) with other steps and rates."""
+        return dataclasses.replace(self, steps=steps, lr=lr)
 
     def lr_at(self, j: int) -> float:
         """alpha_j: the learning rate of inner step ``j`` (0-based)."""
@@ -41,6 +62,23 @@ class InnerConfig:
 
     def lr_sum(self) -> float:
         return sum(self.lr_at(j) for j in range(self.steps))
+
+
+INNER_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+ADAM_EPS = 1e-8
+"""Inner Adam's epsilon (added to the bias-corrected root second moment)."""
+
+
+@dataclass
+class AdamState:
+    """Per-task moments of an inner Adam, to continue an adaptation step by step."""
+
+    m: Params
+    """First moments, leaves ``[T, *shape]``."""
+    v: Params
+    """Second moments, leaves ``[T, *shape]``."""
+    t: int = 0
+    """Steps taken."""
 
 
 @dataclass
@@ -53,6 +91,8 @@ class Adaptation:
     """The inner data used at each step (k entries), for re-adaptation without resampling."""
     losses: list[Tensor] = field(default_factory=list)
     """Inner loss ``[T]`` at each step, detached."""
+    state: AdamState | None = None
+    """Inner Adam's moments after the last step (None for sgd)."""
 
 
 def adapt(
@@ -63,6 +103,7 @@ def adapt(
     create_graph: bool,
     data: Sequence[Data] | None = None,
     prox: tuple[float, Params] | None = None,
+    state: AdamState | None = None,
 ) -> Adaptation:
     """Run ``cfg.steps`` inner gradient steps for all tasks at once.
 
@@ -82,15 +123,24 @@ def adapt(
             the proximal minimiser whatever the curvature, as the implicit
             gradient assumes. Each step evaluates one candidate per task and
             nothing is read on the host (no device synchronisation per step).
+        state: inner Adam's moments to continue from (``Adaptation.state`` of an
+            earlier call on the same tasks); None starts them at zero.
 
     Returns:
-        The adapted parameters and the data and losses of every step.
+        The adapted parameters, the data and losses of every step and, for adam, its
+        moments.
+
+    Raises:
+        ConfigError: inner adam with ``create_graph`` or ``prox`` (it is first order).
     """
     if data is not None and len(data) < cfg.steps:
         raise ValueError(f"got inner data for {len(data)} steps, need {cfg.steps}")
+    if cfg.optimizer == "adam" and (create_graph or prox is not None):
+        raise ConfigError("the inner adam optimizer is first order: train it with --algo "
+                          "reptile or fomaml and --outer adam or sgd")
     T = batch.n_tasks
     phi = params
-    out = Adaptation(phi=phi)
+    out = Adaptation(phi=phi, state=state)
     halvings: Tensor | None = None  # [T] per-task step halvings of the monotone steps
     for j in range(cfg.steps):
         if not create_graph:
@@ -108,10 +158,28 @@ def adapt(
                 halvings = torch.zeros_like(loss.detach())
             phi, halvings = _monotone_step(batch, phi, g, d, loss.detach(), cfg.lr_at(j), prox,
                                            halvings)
+        elif cfg.optimizer == "adam":
+            phi, out.state = _adam_step(phi, g, out.state, cfg, cfg.lr_at(j))
         else:
             phi = P.add(phi, g, -cfg.lr_at(j))
     out.phi = phi if create_graph else P.detach(phi)
     return out
+
+
+def _adam_step(phi: Params, g: Params, state: AdamState | None, cfg: InnerConfig,
+               alpha: float) -> tuple[Params, AdamState]:
+    """One bias-corrected Adam step of every task: ``m = b1 m + (1-b1) g``,
+    ``v = b2 v + (1-b2) g^2``, ``phi - alpha m_hat / (sqrt(v_hat) + eps)``."""
+    b1, b2 = cfg.adam_beta1, cfg.adam_beta2
+    with torch.no_grad():
+        if state is None:
+            state = AdamState(m=P.zeros_like(g), v=P.zeros_like(g))
+        t = state.t + 1
+        m = {k: b1 * state.m[k] + (1 - b1) * g[k] for k in g}
+        v = {k: b2 * state.v[k] + (1 - b2) * g[k] * g[k] for k in g}
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        phi = {k: phi[k] - alpha * (m[k] / c1) / ((v[k] / c2).sqrt() + ADAM_EPS) for k in phi}
+    return phi, AdamState(m=m, v=v, t=t)
 
 
 def _prox(phi: Params, anchor: Params, lam: float) -> Tensor:

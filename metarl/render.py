@@ -255,23 +255,25 @@ class Rendered:
 
 
 def adapted_policies(family: RLFamily, theta: Params, task: Mapping[str, Any], *, steps: int,
-                     lr: Sequence[float], rollouts: int | None, seed: int
-                     ) -> tuple[list[Params], list[float]]:
+                     lr: Sequence[float], rollouts: int | None, seed: int,
+                     rule: InnerConfig | None = None) -> tuple[list[Params], list[float]]:
     """phi_0 = theta, phi_1, ..., phi_K of adapting to ``task`` as ``metarl adapt`` does
-    (trajectories resampled with each phi_j), and the average return before each step and
-    after the last."""
+    (trajectories resampled with each phi_j; ``rule``: the run's inner optimizer), and the
+    average return before each step and after the last."""
     batch = family.batch_for([dict(task)], seed, rollouts=rollouts)
     phi = P.expand(P.to(P.detach(theta), torch.device("cpu"), torch.float32), 1)
-    cfg = InnerConfig(steps=steps, lr=tuple(lr))
+    cfg = (rule or InnerConfig()).with_steps(steps, tuple(lr))
     phis, returns = [], []
+    state = None  # inner Adam's moments, carried from step to step
     for j in range(steps + 1):
         data = batch.inner_data(phi)
         with torch.no_grad():
             returns.append(float(batch.metric(phi, data)[0]))
         phis.append({k: v[0].detach() for k, v in phi.items()})
         if j < steps:
-            phi = adapt(phi, batch, InnerConfig(steps=1, lr=cfg.lr_at(j)), create_graph=False,
-                        data=[data]).phi
+            ad = adapt(phi, batch, cfg.with_steps(1, cfg.lr_at(j)), create_graph=False,
+                       data=[data], state=state)
+            phi, state = ad.phi, ad.state
     return phis, returns
 
 
@@ -304,7 +306,7 @@ def render_adaptation(run: checkpoint.Run, task: Mapping[str, Any], out: str | P
     rates = tuple(lr) if lr else (family.defaults.eval.lr or (
         inner_lr if isinstance(inner_lr, tuple) else (inner_lr,)))
     phis, returns = adapted_policies(family, run.theta, spec, steps=steps, lr=rates,
-                                     rollouts=rollouts, seed=seed)
+                                     rollouts=rollouts, seed=seed, rule=run.config.inner)
     labels = ["before adaptation"] + [f"after step {j}" for j in range(1, steps + 1)]
     episodes = record(family, phis, labels, spec, seed=seed, width=width, height=height)
     dt = _env_dt(family, spec)

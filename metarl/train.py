@@ -55,7 +55,8 @@ class RunResult:
 def make_outer(cfg: TrainConfig, theta: Params, family: Family,
                group: distributed.Group = distributed.LOCAL) -> OuterOptimizer:
     if cfg.outer.optimizer in ("adam", "sgd"):
-        return GradientOuter(theta, cfg.outer.optimizer, cfg.outer.lr)
+        return GradientOuter(theta, cfg.outer.optimizer, cfg.outer.lr,
+                             lr_final=cfg.outer.lr_final, iterations=cfg.iterations)
     if not isinstance(family, SupportsTRPO):
         raise ConfigError(f"outer optimizer {cfg.outer.optimizer!r} is for RL families; family "
                           f"{cfg.family!r} trains with --outer adam or sgd")

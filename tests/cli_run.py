@@ -8,8 +8,9 @@ runner = CliRunner()
 
 
 def run(*args):
-    """``metarl ARGS`` in this process; every argument is turned into a string."""
-    return runner.invoke(app, [str(a) for a in args])
+    """``metarl ARGS`` in this process; every argument is turned into a string. The
+    terminal is 200 columns wide, so that a help table's columns never wrap a word."""
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
 def one_line_error(result, *fragments):

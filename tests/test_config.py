@@ -47,6 +47,12 @@ def test_misspelt_extra_key_is_refused_with_the_close_name(tmp_path):
      "'mamal'\n", ["'mamal' is not one of maml, fomaml, reptile, imaml", "did you mean 'maml'?"]),
     ("inner = 3\n", ["inner in config file", "is a table of settings"]),
     ("[outer]\nlr = -1.0\n", ["outer-lr must be > 0"]),
+    ("[inner]\noptimizer = 'adam'\n", ["--inner-optimizer adam is first order",
+                                        "--algo maml differentiates through",
+                                        "use --algo reptile or fomaml"]),
+    ("algo = 'imaml'\n[inner]\noptimizer = 'adam'\n", ["--algo imaml solves"]),
+    ("[inner]\noptimizer = 'rmsprop'\n", ["'rmsprop' is not one of sgd, adam"]),
+    ("[outer]\nlr_final = -0.5\n", ["outer-lr-final must be >= 0"]),
 ])
 def test_config_file_keys_and_values_are_checked(tmp_path, text, fragments):
     line = train_error("--family", "sinusoid", "--config", toml(tmp_path, text), "--out",
@@ -107,7 +113,7 @@ def test_config_round_trips_through_json():
 
 
 def test_every_setting_has_a_flag_with_its_docstring_as_help():
-    r = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    r = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     text = " ".join(r.output.replace("│", " ").split())
     for s in settings():
         assert s.doc, f"{'.'.join(s.path)} has no docstring"

@@ -54,3 +54,31 @@ def test_supervised_batch_sizes_on_an_rl_run_are_one_line(tmp_path):
     assert r.exit_code == 0, r.output
     one_line_error(run("evaluate", out, "--shots", 5), "shots (support and query sizes) is for "
                    "supervised families", "'navigation2d' is RL", "--rollouts")
+
+
+def test_a_run_trained_with_inner_adam_is_tested_with_it(tmp_path):
+    from metarl.evaluate import evaluate_checkpoint
+    from metarl.inner import InnerConfig
+    from tests.cli_run import one_line_error, run
+
+    out = tmp_path / "rep"
+    args = ("train", "--family", "sinusoid", "--family-opt", "hidden=[4]", "--algo", "reptile",
+            "--inner-optimizer", "adam", "--inner-lr", 0.05, "--inner-steps", 3, "--outer", "sgd",
+            "--outer-lr", 0.15, "--outer-lr-final", 0, "--iterations", 4, "--meta-batch", 3)
+    r = run(*args, "--out", out)
+    assert r.exit_code == 0, r.output
+    trained = checkpoint.load(out)
+    assert trained.config.inner.optimizer == "adam" and trained.config.outer.lr_final == 0.0
+    result = evaluate_checkpoint(trained, n_tasks=6, steps=3, device="cpu")
+    assert result.settings["inner_optimizer"] == "adam"
+    fam = trained.family()
+    kw = dict(n_tasks=6, steps=3, lr=(0.05,), seed=0, device=torch.device("cpu"),
+              dtype=torch.float32)
+    by_adam = adaptation_values(trained.theta, fam, rule=trained.config.inner, **kw)
+    by_sgd = adaptation_values(trained.theta, fam, **kw)
+    assert result.curve.mean == by_adam.curve("x").mean
+    assert by_adam.values[:, 0].equal(by_sgd.values[:, 0])  # same tasks, same start
+    assert not torch.allclose(by_adam.values[:, 1:], by_sgd.values[:, 1:])
+    assert InnerConfig().optimizer == "sgd"
+    one_line_error(run(*args[:5], "--inner-optimizer", "adam", "--out", tmp_path / "m"),
+                   "--inner-optimizer adam is first order")

@@ -1,9 +1,12 @@
-"""The inner loop's proximal (iMAML) steps: monotone, one candidate per step, per task."""
+"""The inner loop's proximal (iMAML) steps (monotone, one candidate per step, per task) and
+its Adam (per-task moments, as Reptile's protocol)."""
 
+import pytest
 import torch
 
 from metarl import params as P
 from metarl.inner import InnerConfig, adapt
+from metarl.types import ConfigError
 
 F64 = torch.float64
 
@@ -82,3 +85,65 @@ def test_non_finite_candidates_are_never_taken():
                prox=(0.1, theta))
     assert torch.isfinite(ad.phi["w"]).all()
     assert float(P.flatten(ad.phi).abs().max()) <= 10
+
+
+# ------------------------------------------------------------------------- inner Adam
+
+def adam_reference(batch, w, k, alpha, b1, b2, eps=1e-8):
+    """Adam written out per task from its definition (Kingma and Ba, algorithm 1)."""
+    out = []
+    for t in range(batch.n_tasks):
+        x, m, v = w[t].clone(), torch.zeros(2, dtype=F64), torch.zeros(2, dtype=F64)
+        for i in range(1, k + 1):
+            g = batch.c[t] * (x - batch.m[t])
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            x = x - alpha * (m / (1 - b1 ** i)) / ((v / (1 - b2 ** i)).sqrt() + eps)
+        out.append(x)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("b1", [0.0, 0.9])
+def test_inner_adam_is_adam_per_task_with_its_own_moments(b1):
+    batch = Quadratics([0.5, 4.0, 0.01], [[1.0, -1.0], [2.0, 0.5], [-3.0, 3.0]])
+    w0 = torch.tensor([[0.0, 0.0], [1.0, -2.0], [0.5, 0.5]], dtype=F64)
+    cfg = InnerConfig(steps=4, lr=0.1, optimizer="adam", adam_beta1=b1, adam_beta2=0.99)
+    ad = adapt({"w": w0}, batch, cfg, create_graph=False)
+    ref = adam_reference(batch, w0, 4, 0.1, b1, 0.99)
+    torch.testing.assert_close(ad.phi["w"], ref, rtol=1e-13, atol=1e-13)
+    # the first step of bias-corrected Adam moves every coordinate by about lr, whatever
+    # the task's scale: what sgd would not do (its steps scale with c)
+    one = adapt({"w": w0}, batch, cfg.with_steps(1, 0.1), create_graph=False)
+    torch.testing.assert_close((one.phi["w"] - w0).abs(), torch.full_like(w0, 0.1), rtol=1e-6,
+                               atol=0.0)
+    # continuing step by step from the returned moments is the same adaptation
+    phi, state = {"w": w0}, None
+    for _ in range(4):
+        step = adapt(phi, batch, cfg.with_steps(1, 0.1), create_graph=False, state=state)
+        phi, state = step.phi, step.state
+    assert state is not None and state.t == 4
+    torch.testing.assert_close(phi["w"], ad.phi["w"], rtol=0, atol=0)
+    # ...and restarting the moments is not
+    restarted = adapt(adapt({"w": w0}, batch, cfg.with_steps(2, 0.1), create_graph=False).phi,
+                      batch, cfg.with_steps(2, 0.1), create_graph=False)
+    assert not torch.allclose(restarted.phi["w"], ad.phi["w"])
+
+
+def test_inner_adam_refuses_second_order_and_proximal_use():
+    batch = Quadratics([0.5], [[1.0, -1.0]])
+    theta = {"w": torch.zeros(1, 2, dtype=F64, requires_grad=True)}
+    cfg = InnerConfig(steps=1, lr=0.1, optimizer="adam")
+    with pytest.raises(ConfigError, match="first order"):
+        adapt(theta, batch, cfg, create_graph=True)
+    with pytest.raises(ConfigError, match="first order"):
+        adapt(theta, batch, cfg, create_graph=False, prox=(1.0, theta))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(optimizer="rmsprop"), "unknown inner optimizer 'rmsprop'"),
+    (dict(optimizer="adam", adam_beta1=1.0), "inner-adam-beta1 must be in"),
+    (dict(optimizer="adam", adam_beta2=-0.1), "inner-adam-beta2 must be in"),
+])
+def test_bad_inner_optimizer_settings(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        InnerConfig(**kw)

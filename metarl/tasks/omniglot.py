@@ -74,11 +74,16 @@ class OmniglotFamily(FamilyBase):
     the paper). The uniform scales were chosen on validation characters: +7 points of
     5-way 1-shot accuracy after 300 iterations (README, "Omniglot initialisation").
 
+    ``train_shots`` gives meta-training tasks more support images than test tasks
+    have (``shots``), as Reptile's protocol (10 at training for 1-shot testing); their
+    query set shrinks to the drawings left (at most ``20 - train_shots``).
+
     Defaults follow the MAML paper: 5-way, 1 inner step at lr 0.4 (3 at test),
     meta-batch 32; 20-way, 5 steps at lr 0.1, meta-batch 16; Adam 1e-3; 60,000
     iterations; iMAML lambda 2, 5 CG steps, 16 (5-way) / 25 (20-way) inner steps
     at lr 0.1. Reptile takes 5 (5-way) / 10 (20-way) plain gradient steps at lr
-    0.1 (the Reptile paper's inner loop used Adam; metarl's inner loop is SGD).
+    0.1; the Reptile paper's own protocol (inner Adam, ``train_shots``, annealed
+    meta-step) is one command in the README ("Reptile's protocol").
     """
 
     name = "omniglot"
@@ -94,12 +99,21 @@ class OmniglotFamily(FamilyBase):
                  filters: int = 64, downsample: Literal["stride", "maxpool"] = "stride",
                  impl: Literal["auto", "grouped", "loop", "vmap"] = "auto",
                  bn_scale: Literal["one", "uniform"] = "uniform", bn_eps: float = 1e-3,
-                 head_std: float = 1.0, val_fraction: float = 0.0) -> None:
+                 head_std: float = 1.0, val_fraction: float = 0.0,
+                 train_shots: int | None = None) -> None:
         from metarl.models.conv import ConvNet
+        from metarl.tasks.omniglot_data import DRAWERS
 
         for what, v, lo in (("ways", ways, 2), ("shots", shots, 1), ("query", query, 1),
                             ("filters", filters, 1)):
             require(int(v) >= lo, self.name, what, v, f">= {lo}")
+        require(train_shots is None or int(train_shots) >= 1, self.name, "train_shots",
+                train_shots, ">= 1 (or none: the test shots)")
+        require(int(shots) + int(query) <= DRAWERS, self.name, "shots", shots,
+                f"<= {DRAWERS - int(query)} (each character has {DRAWERS} drawings, query={query} "
+                "of them are the query set)")
+        require(train_shots is None or int(train_shots) < DRAWERS, self.name, "train_shots",
+                train_shots, f"<= {DRAWERS - 1} (each character has {DRAWERS} drawings)")
         require(split in ("character", "alphabet"), self.name, "split", split,
                 "character or alphabet")
         require(bn_scale in ("one", "uniform"), self.name, "bn_scale", bn_scale, "one or uniform")
@@ -115,6 +129,7 @@ class OmniglotFamily(FamilyBase):
         self.downsample, self.impl = downsample, impl
         self.bn_scale, self.bn_eps, self.head_std = bn_scale, float(bn_eps), float(head_std)
         self.val_fraction = float(val_fraction)
+        self.train_shots = None if train_shots is None else int(train_shots)
         try:
             self.model = ConvNet(self.ways, filters=self.filters, downsample=downsample, impl=impl,
                                  eps=self.bn_eps, bn_scale=bn_scale, head_std=self.head_std)
@@ -140,7 +155,7 @@ class OmniglotFamily(FamilyBase):
                 "cache_dir": self.cache_dir, "filters": self.filters,
                 "downsample": self.downsample, "impl": self.impl, "bn_scale": self.bn_scale,
                 "bn_eps": self.bn_eps, "head_std": self.head_std,
-                "val_fraction": self.val_fraction}
+                "val_fraction": self.val_fraction, "train_shots": self.train_shots}
 
     def describe(self) -> str:
         return inspect.cleandoc(type(self).__doc__ or "") + (
@@ -194,7 +209,12 @@ class OmniglotFamily(FamilyBase):
         if pool.n_classes < self.ways:
             raise ConfigError(f"the {split} split has {pool.n_classes} classes, fewer than "
                               f"{self.ways} ways: use more data or fewer --ways")
-        b = pool.sample(n_tasks, self.ways, shots or self.shots, query or self.query,
+        from metarl.tasks.omniglot_data import DRAWERS
+
+        k, q = self.shots, self.query
+        if split == "train" and self.train_shots is not None:  # the query set takes the rest
+            k, q = self.train_shots, min(self.query, DRAWERS - self.train_shots)
+        b = pool.sample(n_tasks, self.ways, shots or k, query or q,
                         generator=generator, device=torch.device(device), dtype=dtype)
         return OmniglotBatch(self.model, cross_entropy, accuracy,
                              Examples(b.x_support, b.y_support), Examples(b.x_query, b.y_query),

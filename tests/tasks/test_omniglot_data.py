@@ -561,3 +561,36 @@ def test_validation_classes_come_from_the_meta_train_side(split):
     assert 0.15 < len(val) / len(train) < 0.45
     with pytest.raises(ConfigError, match="val_fraction=0.999 leaves"):
         _ = OmniglotFamily(str(SHARED_ZIP), split=split, val_fraction=0.999).pools
+
+
+@pytest.mark.skipif(not SHARED_ZIP.is_file(), reason=f"{SHARED_ZIP} absent (shared Omniglot split)")
+def test_train_shots_give_meta_training_tasks_more_support_images():
+    from metarl.tasks.omniglot import OmniglotFamily
+
+    fam = OmniglotFamily(str(SHARED_ZIP), shots=1, query=15, train_shots=10)
+    g = torch.Generator().manual_seed(0)
+    train = fam.sample_batch(3, g, split="train")
+    test = fam.sample_batch(3, g, split="test")
+    assert train.support.x.shape[:2] == (3, 50) and train.query.x.shape[:2] == (3, 50)
+    assert test.support.x.shape[:2] == (3, 5) and test.query.x.shape[:2] == (3, 75)
+    assert fam.options()["train_shots"] == 10
+    # each training class: 10 support and 10 query drawings, none of them shared
+    for t in range(3):
+        for c in range(5):
+            sup = {bytes(x.numpy()) for x in train.support.x[t][train.support.y[t] == c]}
+            qry = {bytes(x.numpy()) for x in train.query.x[t][train.query.y[t] == c]}
+            assert len(sup) == 10 and len(qry) == 10 and not sup & qry
+    plain = OmniglotFamily(str(SHARED_ZIP), shots=1, query=15).sample_batch(1, g, split="train")
+    assert plain.support.x.shape[1] == 5
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(train_shots=0), "train_shots must be >= 1"),
+    (dict(train_shots=20), "train_shots must be <= 19"),
+    (dict(shots=6, query=15), "shots must be <= 5"),
+])
+def test_bad_shot_counts_are_refused_before_any_data_is_read(kw, match):
+    from metarl.tasks.omniglot import OmniglotFamily
+
+    with pytest.raises(ConfigError, match=match):
+        OmniglotFamily("/nonexistent", **kw)
