@@ -154,6 +154,13 @@ class Group:
         like = {k: v[0].detach() for k, v in rows.items()}
         return P.unflatten(self.ordered_mean(flat, counts), like)
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (one small all-reduce; ``flag`` itself for
+        one process): a decision every rank then takes together."""
+        if self.world == 1:
+            return flag
+        return bool(self._all_reduce(torch.tensor([1.0 if flag else 0.0]))[0] > 0)
+
     def barrier(self) -> None:
         """Wait until every rank gets here."""
         if self.world > 1:

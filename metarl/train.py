@@ -10,10 +10,10 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -42,6 +42,34 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, dict[str, float] | None], None]
 """Called after every iteration with the iteration number (1-based) and, every
 few iterations, the latest metrics."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a :class:`Callback` sees after each meta-iteration."""
+
+    iteration: int
+    """The iteration just finished (1-based, counted across resumes)."""
+    theta: Params
+    """The meta-parameters after its update: the training's own tensors, updated in place
+    by the next iteration (keep ``{k: v.detach().clone() for k, v in theta.items()}``;
+    do not modify them)."""
+    meta_grad: MetaGrad
+    """Its meta-gradient and what was computed on the way (losses, adapted phi)."""
+    metrics: dict[str, float] | None
+    """Its metrics on the iterations that log or show them (every ``min(log_every, 10)``
+    and the last), else None."""
+    out: Path
+    """The run folder."""
+
+
+class Callback(Protocol):
+    """A hook into :func:`train`: ``on_iteration`` runs after every meta-iteration, on
+    every process of a distributed run. Returning False stops training there: that
+    iteration is checkpointed and :func:`train` returns (on several processes, any rank
+    asking stops all of them). None or True continues."""
+
+    def on_iteration(self, step: Step) -> bool | None: ...
 
 
 @dataclass
@@ -229,7 +257,8 @@ def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
 
 
 def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None,
-          overwrite: bool = False, resume: bool = False) -> RunResult:
+          overwrite: bool = False, resume: bool = False,
+          callbacks: Sequence[Callback] = ()) -> RunResult:
     """Meta-train ``cfg.family`` with ``cfg.algo``; write ``config.json``,
     ``metrics.jsonl`` and ``checkpoint.pt`` (atomically) under ``out``. Both
     record every family option as resolved, defaults included.
@@ -237,6 +266,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
     With ``resume`` the run continues from ``out/checkpoint.pt`` (parameters,
     optimizer state and task stream) up to ``cfg.iterations``. A keyboard
     interrupt writes the checkpoint of the last finished iteration, then re-raises.
+    ``callbacks`` see every iteration and can stop the run early (:class:`Callback`);
+    ``RunResult.iterations`` then counts the iterations run.
     """
     out = Path(out)
     family = families.make(cfg.family, **cfg.family_options)
@@ -316,15 +347,20 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                             out / checkpoint.CHECKPOINT, tmp))
                 if progress is not None:
                     progress(it, metrics if show else None)
+                if callbacks:
+                    step = Step(iteration=it, theta=theta, meta_grad=mg,
+                                metrics=metrics if show else None, out=out)
+                    if group.any(any([cb.on_iteration(step) is False for cb in callbacks])):
+                        break
         except (KeyboardInterrupt, RunError):
             save(it - 1 if it > start else start)  # the last finished, finite iteration
             raise
         finally:
             if board is not None:
                 board.close()
-    save(cfg.iterations)
-    return RunResult(out=out, iterations=cfg.iterations - start,
-                     seconds=time.perf_counter() - t0, metrics=metrics)
+    save(it)
+    return RunResult(out=out, iterations=it - start, seconds=time.perf_counter() - t0,
+                     metrics=metrics)
 
 
 def return_metrics(batch: TaskBatch, mg: MetaGrad) -> dict[str, float]:

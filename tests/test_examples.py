@@ -57,3 +57,18 @@ def test_readme_command_parses(line):
     if hasattr(cmd, "commands") and rest and rest[0] in cmd.commands:  # `families show NAME`
         cmd, rest = cmd.commands[rest[0]], rest[1:]
     cmd.make_context(args[0], list(rest))  # raises on unknown options or bad values
+
+
+def test_early_stopping_example_stops_after_patience_checks_without_progress(tmp_path):
+    from examples.early_stopping import main
+    from metarl import checkpoint
+
+    result, stopper = main(str(tmp_path / "run"), iterations=300, every=10, patience=2)
+    its = [it for it, _ in stopper.history]
+    assert its == list(range(10, result.iterations + 1, 10)) and its[-1] == result.iterations
+    assert checkpoint.load(tmp_path / "run").iteration == result.iterations
+    losses = [loss for _, loss in stopper.history]
+    if result.iterations < 300:  # it stopped: the last two checks did not beat the best before
+        assert min(losses[-2:]) >= min(losses[:-2])
+    else:
+        assert stopper.bad < 2
