@@ -70,15 +70,18 @@ ADAM_EPS = 1e-8
 
 
 @dataclass
-class AdamState:
-    """Per-task moments of an inner Adam, to continue an adaptation step by step."""
+class InnerState:
+    """What an inner loop carries from step to step beyond phi, to continue an
+    adaptation step by step (as evaluation does, scoring between steps)."""
 
-    m: Params
-    """First moments, leaves ``[T, *shape]``."""
-    v: Params
-    """Second moments, leaves ``[T, *shape]``."""
+    m: Params | None = None
+    """Inner Adam's first moments, leaves ``[T, *shape]`` (None: sgd)."""
+    v: Params | None = None
+    """Inner Adam's second moments, leaves ``[T, *shape]``."""
     t: int = 0
-    """Steps taken."""
+    """Adam steps taken."""
+    halvings: Tensor | None = None
+    """``[T]`` step halvings of the proximal (iMAML) monotone steps so far."""
 
 
 @dataclass
@@ -91,8 +94,9 @@ class Adaptation:
     """The inner data used at each step (k entries), for re-adaptation without resampling."""
     losses: list[Tensor] = field(default_factory=list)
     """Inner loss ``[T]`` at each step, detached."""
-    state: AdamState | None = None
-    """Inner Adam's moments after the last step (None for sgd)."""
+    state: InnerState = field(default_factory=lambda: InnerState())
+    """What the next step continues from: inner Adam's moments, the monotone steps'
+    halvings."""
 
 
 def adapt(
@@ -103,7 +107,7 @@ def adapt(
     create_graph: bool,
     data: Sequence[Data] | None = None,
     prox: tuple[float, Params] | None = None,
-    state: AdamState | None = None,
+    state: InnerState | None = None,
 ) -> Adaptation:
     """Run ``cfg.steps`` inner gradient steps for all tasks at once.
 
@@ -123,8 +127,9 @@ def adapt(
             the proximal minimiser whatever the curvature, as the implicit
             gradient assumes. Each step evaluates one candidate per task and
             nothing is read on the host (no device synchronisation per step).
-        state: inner Adam's moments to continue from (``Adaptation.state`` of an
-            earlier call on the same tasks); None starts them at zero.
+        state: what to continue from (``Adaptation.state`` of an earlier call on the
+            same tasks): inner Adam's moments and the monotone steps' halvings. None
+            starts afresh (moments zero, no halving).
 
     Returns:
         The adapted parameters, the data and losses of every step and, for adam, its
@@ -140,8 +145,7 @@ def adapt(
                           "reptile or fomaml and --outer adam or sgd")
     T = batch.n_tasks
     phi = params
-    out = Adaptation(phi=phi, state=state)
-    halvings: Tensor | None = None  # [T] per-task step halvings of the monotone steps
+    out = Adaptation(phi=phi, state=InnerState() if state is None else state)
     for j in range(cfg.steps):
         if not create_graph:
             phi = P.detach(phi, requires_grad=True)
@@ -154,10 +158,11 @@ def adapt(
             loss = loss + _prox(phi, anchor, lam)
         g = P.grads(loss.sum(), phi, create_graph=create_graph)  # per-task grads [T, ...]
         if prox is not None and not create_graph:
-            if halvings is None:
-                halvings = torch.zeros_like(loss.detach())
-            phi, halvings = _monotone_step(batch, phi, g, d, loss.detach(), cfg.lr_at(j), prox,
-                                           halvings)
+            halvings = out.state.halvings
+            phi, halvings = _monotone_step(
+                batch, phi, g, d, loss.detach(), cfg.lr_at(j), prox,
+                torch.zeros_like(loss.detach()) if halvings is None else halvings)
+            out.state = dataclasses.replace(out.state, halvings=halvings)
         elif cfg.optimizer == "adam":
             phi, out.state = _adam_step(phi, g, out.state, cfg, cfg.lr_at(j))
         else:
@@ -166,20 +171,20 @@ def adapt(
     return out
 
 
-def _adam_step(phi: Params, g: Params, state: AdamState | None, cfg: InnerConfig,
-               alpha: float) -> tuple[Params, AdamState]:
+def _adam_step(phi: Params, g: Params, state: InnerState, cfg: InnerConfig,
+               alpha: float) -> tuple[Params, InnerState]:
     """One bias-corrected Adam step of every task: ``m = b1 m + (1-b1) g``,
     ``v = b2 v + (1-b2) g^2``, ``phi - alpha m_hat / (sqrt(v_hat) + eps)``."""
     b1, b2 = cfg.adam_beta1, cfg.adam_beta2
     with torch.no_grad():
-        if state is None:
-            state = AdamState(m=P.zeros_like(g), v=P.zeros_like(g))
+        m0 = state.m if state.m is not None else P.zeros_like(g)
+        v0 = state.v if state.v is not None else P.zeros_like(g)
         t = state.t + 1
-        m = {k: b1 * state.m[k] + (1 - b1) * g[k] for k in g}
-        v = {k: b2 * state.v[k] + (1 - b2) * g[k] * g[k] for k in g}
+        m = {k: b1 * m0[k] + (1 - b1) * g[k] for k in g}
+        v = {k: b2 * v0[k] + (1 - b2) * g[k] * g[k] for k in g}
         c1, c2 = 1 - b1 ** t, 1 - b2 ** t
         phi = {k: phi[k] - alpha * (m[k] / c1) / ((v[k] / c2).sqrt() + ADAM_EPS) for k in phi}
-    return phi, AdamState(m=m, v=v, t=t)
+    return phi, dataclasses.replace(state, m=m, v=v, t=t)
 
 
 def _prox(phi: Params, anchor: Params, lam: float) -> Tensor:

@@ -147,3 +147,21 @@ def test_inner_adam_refuses_second_order_and_proximal_use():
 def test_bad_inner_optimizer_settings(kw, match):
     with pytest.raises(ConfigError, match=match):
         InnerConfig(**kw)
+
+
+def test_proximal_steps_taken_one_call_at_a_time_are_the_same_adaptation():
+    # evaluation scores between steps, so it adapts one step per call: the halvings must
+    # carry over, or a task whose first step overshoots is refused that step forever
+    batch = Quadratics([0.1, 5.0], [[1.0, 1.0], [1.0, -1.0]])
+    theta = {"w": torch.zeros(2, 2, dtype=F64)}
+    cfg = InnerConfig(steps=5, lr=1.0)
+    whole = adapt(theta, batch, cfg, create_graph=False, prox=(0.5, theta))
+    phi, state = theta, None
+    for _ in range(5):
+        ad = adapt(phi, batch, cfg.with_steps(1, 1.0), create_graph=False, prox=(0.5, theta),
+                   state=state)
+        phi, state = ad.phi, ad.state
+    torch.testing.assert_close(phi["w"], whole.phi["w"], rtol=0, atol=0)
+    assert not torch.equal(phi["w"][1], theta["w"][1])  # task 1 moved once its step halved
+    assert state is not None and state.halvings is not None
+    assert state.halvings.tolist() == [0.0, 2.0]
