@@ -142,3 +142,13 @@ def test_the_readme_config_example_reads(tmp_path):
     text = "\n".join(line.strip() for line in blocks[0].splitlines())
     cfg = C.resolve(families.make("navigation2d"), C.read_config_file(toml(tmp_path, text)))
     assert (cfg.iterations, cfg.inner.lr, cfg.trpo.max_kl) == (500, 0.1, 0.01)
+
+
+def test_the_shipped_example_configs_read():
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "configs"
+    two = C.resolve(families.make("navigation2d"),
+                    C.read_config_file(folder / "navigation2d-two-steps.toml"))
+    assert (two.inner.steps, two.inner.lr, two.iterations) == (2, (0.1, 0.05), 500)
+    assert two.keep_checkpoints and two.checkpoint_every == 25
