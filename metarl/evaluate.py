@@ -164,7 +164,8 @@ def _test_share(family: Family, n: int, generator: torch.Generator, group: distr
 
 
 def score_while_adapting(batch: TaskBatch, phi: Params, steps: int, cfg: InnerConfig,
-                         prox: tuple[float, Params] | None = None
+                         prox: tuple[float, Params] | None = None,
+                         keep: list[Params] | None = None
                          ) -> tuple[Params, list[torch.Tensor], dict[str, list[torch.Tensor]]]:
     """Take ``steps`` inner steps from ``phi``, scoring before each step and after the last.
 
@@ -174,6 +175,11 @@ def score_while_adapting(batch: TaskBatch, phi: Params, steps: int, cfg: InnerCo
     (:class:`~metarl.types.ReportsExtraMetrics`, e.g. Meta-World's success rate) is
     scored on them on the same data.
 
+    The steps are taken one call of :func:`~metarl.inner.adapt` at a time, carrying its
+    state (inner Adam's moments, the proximal steps' halvings), so they are the steps of
+    one ``steps``-step adaptation. ``keep``: a list that receives phi_0 ... phi_K
+    (detached), for callers that need every policy (rendering).
+
     Returns:
         The adapted parameters, ``steps + 1`` per-task scores ``[T]`` (CPU, float64) and,
         for each extra metric, its ``steps + 1`` per-task values ``[T]`` by name.
@@ -182,9 +188,11 @@ def score_while_adapting(batch: TaskBatch, phi: Params, steps: int, cfg: InnerCo
     extra_metrics = batch.extra_metrics if isinstance(batch, ReportsExtraMetrics) else None
     vals: list[torch.Tensor] = []
     extra: dict[str, list[torch.Tensor]] = {}
-    state = None  # inner Adam's moments, carried from step to step
+    state = None  # inner Adam's moments and the proximal halvings, carried step to step
     for j in range(steps + 1):
         data = batch.inner_data(phi) if on_inner else None
+        if keep is not None:
+            keep.append(P.detach(phi))
         with torch.no_grad():
             scored = data if on_inner else batch.outer_data(phi)
             vals.append(batch.metric(phi, scored).double().cpu())

@@ -94,7 +94,7 @@ class Adaptation:
     """The inner data used at each step (k entries), for re-adaptation without resampling."""
     losses: list[Tensor] = field(default_factory=list)
     """Inner loss ``[T]`` at each step, detached."""
-    state: InnerState = field(default_factory=lambda: InnerState())
+    state: InnerState = field(default_factory=InnerState)
     """What the next step continues from: inner Adam's moments, the monotone steps'
     halvings."""
 
@@ -132,8 +132,8 @@ def adapt(
             starts afresh (moments zero, no halving).
 
     Returns:
-        The adapted parameters, the data and losses of every step and, for adam, its
-        moments.
+        The adapted parameters, the data and losses of every step, and the state to
+        continue from.
 
     Raises:
         ConfigError: inner adam with ``create_graph`` or ``prox`` (it is first order).

@@ -30,7 +30,8 @@ import torch
 
 from metarl import checkpoint
 from metarl import params as P
-from metarl.inner import InnerConfig, adapt
+from metarl.evaluate import score_while_adapting
+from metarl.inner import InnerConfig
 from metarl.rl.family import RLFamily
 from metarl.types import ConfigError, Params
 
@@ -262,19 +263,11 @@ def adapted_policies(family: RLFamily, theta: Params, task: Mapping[str, Any], *
     average return before each step and after the last."""
     batch = family.batch_for([dict(task)], seed, rollouts=rollouts)
     phi = P.expand(P.to(P.detach(theta), torch.device("cpu"), torch.float32), 1)
-    cfg = (rule or InnerConfig()).with_steps(steps, tuple(lr))
-    phis, returns = [], []
-    state = None  # inner Adam's moments, carried from step to step
-    for j in range(steps + 1):
-        data = batch.inner_data(phi)
-        with torch.no_grad():
-            returns.append(float(batch.metric(phi, data)[0]))
-        phis.append({k: v[0].detach() for k, v in phi.items()})
-        if j < steps:
-            ad = adapt(phi, batch, cfg.with_steps(1, cfg.lr_at(j)), create_graph=False,
-                       data=[data], state=state)
-            phi, state = ad.phi, ad.state
-    return phis, returns
+    kept: list[Params] = []
+    _, returns, _ = score_while_adapting(batch, phi, steps,
+                                         (rule or InnerConfig()).with_steps(steps, tuple(lr)),
+                                         keep=kept)
+    return [{k: v[0] for k, v in p.items()} for p in kept], [float(r[0]) for r in returns]
 
 
 def render_adaptation(run: checkpoint.Run, task: Mapping[str, Any], out: str | Path, *,
