@@ -148,7 +148,7 @@ def policy_kwargs(family: RLFamily) -> dict[str, Any]:
     hidden = list(family.hidden)
     act = {"tanh": nn.Tanh, "relu": nn.ReLU}[family.activation]
     return {"net_arch": {"pi": hidden, "vf": hidden}, "activation_fn": act,
-            "log_std_init": math.log(family.init_std)}
+            "log_std_init": math.log(family.init_std)}  # the std itself (no floor in SB3)
 
 
 def _linears(model: PPO) -> list[torch.nn.Linear]:
@@ -190,7 +190,8 @@ def set_policy_params(model: PPO, family: RLFamily, theta: Params) -> None:
                 w, b = w * s, b * s + torch.as_tensor(offset)
             lin.weight.copy_(w.T.to(lin.weight.dtype))
             lin.bias.copy_(b.to(lin.bias.dtype))
-        log_std = theta["log_std"].detach().double().cpu() + torch.as_tensor(np.log(scale))
+        std_log = _gaussian(family).std_log(theta["log_std"].detach().double().cpu())
+        log_std = std_log + torch.as_tensor(np.log(scale))
         model.policy.log_std.copy_(log_std.to(model.policy.log_std.dtype))
 
 
@@ -215,7 +216,11 @@ def from_sb3(model: PPO, family: RLFamily) -> Params:
                 w, b = w / s, (b - torch.as_tensor(offset)) / s
             theta[f"l{i}.w"], theta[f"l{i}.b"] = w.float().contiguous(), b.float()
         log_std = model.policy.log_std.detach().double().cpu() - torch.as_tensor(np.log(scale))
-        theta["log_std"] = log_std.float()
+        try:
+            theta["log_std"] = _gaussian(family).param_log_std(log_std).float()
+        except ValueError as e:
+            raise ConfigError(f"the SB3 model's policy: {e} of family {family.name!r}: give "
+                              "family options without min_std (or a lower one)") from None
     return theta
 
 

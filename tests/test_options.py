@@ -230,6 +230,8 @@ def test_make_checks_before_building_and_converts():
     ("navigation2d", {"gae_lambda": 1.5}, r"gae_lambda must be in \[0, 1\], got 1.5"),
     ("navigation2d", {"init_std": -1}, r"init_std must be a finite number > 0"),
     ("navigation2d", {"init_std": math.inf}, r"init_std must be a finite number > 0"),
+    ("navigation2d", {"min_std": 1.0}, r"min_std must be in \[0, init_std=1\)"),
+    ("navigation2d", {"min_std": -0.1}, r"min_std must be in \[0, init_std=1\)"),
     ("navigation2d", {"hidden": [64, 0]}, r"hidden must be a list of one or more layer sizes >= 1"),
     ("navigation2d", {"hidden": []}, r"hidden must be .*got \[\]"),
     ("navigation2d", {"workers": -1}, r"workers must be an integer >= 0"),
@@ -262,7 +264,8 @@ def test_valid_options_are_unchanged():
     nav = families.make("navigation2d")
     assert nav.options() == {"rollouts": 20, "horizon": 100, "gamma": 0.99, "gae_lambda": 1.0,
                              "estimator": "reinforce", "hidden": [64, 64], "activation": "tanh",
-                             "init_std": 1.0, "normalize_actions": True, "workers": 0}
+                             "init_std": 1.0, "min_std": 0.0, "normalize_actions": True,
+                             "workers": 0}
     assert families.make("sinusoid").options() == {"shots": 10, "query": 10, "eval_query": 100,
                                                    "hidden": [40, 40], "activation": "relu"}
     assert families.make("sinusoid", hidden=[]).hidden == ()  # a linear model, as before

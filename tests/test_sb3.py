@@ -72,6 +72,25 @@ def test_exported_distribution_is_metarls_in_box_units_navigation():
     assert all(torch.allclose(back[k], theta[k], atol=1e-6) for k in theta)
 
 
+def test_exported_std_floor_is_the_std_and_maps_back():
+    """A family with min_std: SB3's log-std is the floored std's, and from_sb3 returns the
+    floored parameterisation; an SB3 std at or below the floor is one ConfigError."""
+    nav = families.make("navigation2d", min_std=0.3)
+    theta = perturbed_theta(nav)
+    theta["log_std"] = torch.tensor([-8.0, 0.2])  # one dimension at the floor
+    model = sb3.to_sb3(nav, theta, task={"goal": [0.3, -0.2]})
+    obs = torch.randn(16, 2, generator=torch.Generator().manual_seed(4)).double()
+    _, s = sb3.sb3_action_dist(model, obs)
+    want = (0.3 + theta["log_std"].double().exp()) * 0.1  # [-1, 1] units onto [-0.1, 0.1]
+    assert close(s[0], want)
+    back = sb3.from_sb3(model, nav)
+    assert torch.allclose(back["log_std"][1], theta["log_std"][1], atol=1e-6)
+    with torch.no_grad():
+        model.policy.log_std.fill_(float(np.log(0.3 * 0.1 * 0.5)))
+    with pytest.raises(ConfigError, match="not above the policy's min_std=0.3"):
+        sb3.from_sb3(model, nav)
+
+
 def test_exported_distribution_is_metarls_halfcheetah():
     pytest.importorskip("mujoco")
     fam = families.make("halfcheetah-vel")

@@ -47,7 +47,8 @@ def rl_diagnostics(batch: Any, theta: Params, inner_data: list[Any], outer_data:
     Args:
         batch: the iteration's :class:`~metarl.rl.batch.RLBatch` (its ``cfg.gamma``).
         theta: the meta-parameters; a Gaussian policy's ``log_std [act]`` gives the std (mean
-            over action dimensions) and the entropy per step (nats, state-independent).
+            over action dimensions) and the entropy per step (nats, state-independent),
+            through the batch policy's ``std_log`` where it has one (a std floor).
         inner_data, outer_data: the iteration's :class:`~metarl.rl.batch.Trajectories`
             (pre-adaptation first). The explained variance is that of the linear baseline
             fitted on the pre-adaptation trajectories (in-sample, averaged over tasks);
@@ -65,7 +66,8 @@ def rl_diagnostics(batch: Any, theta: Params, inner_data: list[Any], outer_data:
     values: list[Tensor] = []
     log_std = theta.get("log_std")
     if log_std is not None:
-        ls = log_std.detach().double()
+        std_log = getattr(getattr(batch, "policy", None), "std_log", None)
+        ls = (log_std if std_log is None else std_log(log_std)).detach().double()
         names += ["policy/std", "policy/entropy"]
         values += [ls.exp().mean(), ls.sum() + _HALF_LOG_2PI_E * ls.numel()]
     first = sampled[0]

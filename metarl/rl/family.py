@@ -81,6 +81,9 @@ class RLFamily(FamilyBase):
         estimator: inner-loss estimator, "reinforce", "lvc" or "dice".
         hidden, activation: the policy MLP.
         init_std: initial standard deviation of a Gaussian policy.
+        min_std: lower bound of a Gaussian policy's standard deviation (0: none, as the
+            papers): the std is ``min_std + exp(log_std)``, so it cannot collapse and make
+            later adaptation steps overshoot.
         normalize_actions: the policy acts in ``[-1, 1]`` units mapped onto the
             action Box (rllab's convention); None: the family's ``default_normalize_actions``.
         workers: 0 steps the environments in this process (:class:`GymBatchEnv`); N > 0
@@ -107,8 +110,8 @@ class RLFamily(FamilyBase):
                  estimator: Literal["reinforce", "lvc", "dice"] = "reinforce",
                  hidden: Sequence[int] | None = None,
                  activation: Literal["relu", "tanh"] | None = None,
-                 init_std: float = 1.0, normalize_actions: bool | None = None,
-                 workers: int = 0) -> None:
+                 init_std: float = 1.0, min_std: float = 0.0,
+                 normalize_actions: bool | None = None, workers: int = 0) -> None:
         name = self.name
         E, H = int(rollouts), self.default_horizon if horizon is None else int(horizon)
         require(E >= 1, name, "rollouts", rollouts, ">= 1 (trajectories per task)")
@@ -129,6 +132,10 @@ class RLFamily(FamilyBase):
         self.init_std = float(init_std)
         require(0 < self.init_std < float("inf"), name, "init_std", init_std,
                 "a finite number > 0 (the initial standard deviation of the Gaussian policy)")
+        self.min_std = float(min_std)
+        require(0 <= self.min_std < self.init_std, name, "min_std", min_std,
+                f"in [0, init_std={self.init_std:g}) (the floor of the Gaussian policy's std; "
+                "0 is none)")
         self.normalize_actions = (self.default_normalize_actions if normalize_actions is None
                                   else bool(normalize_actions))
         require(not isinstance(workers, bool) and isinstance(workers, int) and workers >= 0,
@@ -185,7 +192,8 @@ class RLFamily(FamilyBase):
         return {"rollouts": c.rollouts, "horizon": c.horizon, "gamma": c.gamma,
                 "gae_lambda": c.gae_lambda, "estimator": c.estimator, "hidden": list(self.hidden),
                 "activation": self.activation, "init_std": self.init_std,
-                "normalize_actions": self.normalize_actions, "workers": self.workers}
+                "min_std": self.min_std, "normalize_actions": self.normalize_actions,
+                "workers": self.workers}
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (e.g. ``make_env`` sent to worker processes) without the cached batch
@@ -200,7 +208,9 @@ class RLFamily(FamilyBase):
             f"{self.rl.estimator}",
             f"policy: {'Gaussian' if self._continuous() else 'categorical'} MLP "
             f"{'-'.join(map(str, self.hidden))} {self.activation}"
-            + (", actions in [-1, 1] mapped onto the action box" if self.normalize_actions else ""),
+            + (", actions in [-1, 1] mapped onto the action box" if self.normalize_actions else "")
+            + (f", std {self.init_std:g} at start" if self._continuous() else "")
+            + (f", never below {self.min_std:g}" if self._continuous() and self.min_std else ""),
         ])
 
     def _spaces(self) -> tuple[gymnasium.Space[Any], gymnasium.Space[Any]]:
@@ -223,7 +233,8 @@ class RLFamily(FamilyBase):
             obs_dim = int(np.prod(obs_space.shape))
             if isinstance(act_space, gymnasium.spaces.Box):
                 self._policy = GaussianMLPPolicy(obs_dim, int(np.prod(act_space.shape)),
-                                                 self.hidden, self.activation, self.init_std)
+                                                 self.hidden, self.activation, self.init_std,
+                                                 self.min_std)
             elif isinstance(act_space, gymnasium.spaces.Discrete):
                 self._policy = CategoricalMLPPolicy(obs_dim, int(act_space.n), self.hidden,
                                                     self.activation)

@@ -226,7 +226,9 @@ class GaussianMLPPolicy(_MLPPolicyBase):
 
     Parameters: the MLP's ``l{i}.w [in, out]``, ``l{i}.b [out]`` (PyTorch's
     default ``nn.Linear`` initialisation) and ``log_std [act_dim]``
-    initialised to ``log(init_std)``.
+    initialised to ``log(init_std)``. With a floor ``min_std > 0`` the std is
+    ``min_std + exp(log_std)`` (smooth, never below the floor; ``log_std`` then starts
+    at ``log(init_std - min_std)``), read through :meth:`std_log`.
 
     Args:
         obs_dim: observation size.
@@ -234,6 +236,8 @@ class GaussianMLPPolicy(_MLPPolicyBase):
         hidden: hidden layer widths (MAML-RL PyTorch port: (64, 64); paper: (100, 100)).
         activation: ``"tanh"`` (port) or ``"relu"`` (paper).
         init_std: initial standard deviation of every action dimension (> 0).
+        min_std: lower bound of the standard deviation, in ``[0, init_std)``; 0 (the
+            default) is no bound, the parameterisation of the papers bit for bit.
 
     References: Finn et al. 2017, section 5.3; Duan et al. 2016.
     """
@@ -241,26 +245,50 @@ class GaussianMLPPolicy(_MLPPolicyBase):
     discrete = False
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: Sequence[int] = (64, 64),
-                 activation: str = "tanh", init_std: float = 1.0) -> None:
+                 activation: str = "tanh", init_std: float = 1.0, min_std: float = 0.0) -> None:
         super().__init__(obs_dim, act_dim, hidden, activation)
         if not init_std > 0:
             raise ValueError(f"init_std must be > 0, got {init_std}")
+        if not 0.0 <= min_std < init_std:
+            raise ValueError(f"min_std must be in [0, init_std={init_std}), got {min_std}")
         self.act_dim = act_dim
         self.init_std = float(init_std)
+        self.min_std = float(min_std)
+
+    def std_log(self, log_std: Tensor) -> Tensor:
+        """The log of the standard deviation that parameter ``log_std`` gives (any shape):
+        ``log_std`` itself, or ``log(min_std + exp(log_std))`` with a floor."""
+        if self.min_std == 0.0:
+            return log_std
+        return torch.logaddexp(log_std, torch.full_like(log_std, math.log(self.min_std)))
+
+    def param_log_std(self, std_log: Tensor) -> Tensor:
+        """The inverse of :meth:`std_log`: the parameter that gives log-std ``std_log``.
+
+        Raises:
+            ValueError: a std at or below the floor (no parameter gives it).
+        """
+        if self.min_std == 0.0:
+            return std_log
+        excess = std_log.exp() - self.min_std
+        if not bool((excess > 0).all()):
+            raise ValueError(f"a standard deviation of {float(std_log.exp().min()):.4g} is not "
+                             f"above the policy's min_std={self.min_std:g}")
+        return excess.log()
 
     def init(self, generator: torch.Generator, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> Params:
         """Fresh meta-parameters (no task dimension): Xavier-uniform weights, zero
         biases (as rllab and the MAML-RL code), log-std ``log(init_std)``."""
         params = self.mlp.init(generator, device=device, dtype=dtype, scheme="xavier")
-        params["log_std"] = torch.full((self.act_dim,), math.log(self.init_std), device=device,
-                                       dtype=dtype)
+        params["log_std"] = torch.full((self.act_dim,), math.log(self.init_std - self.min_std),
+                                       device=device, dtype=dtype)
         return params
 
     def dist(self, params_T: Params, obs: Tensor) -> DiagGaussian:
         """``obs [T, ..., obs_dim]`` -> Gaussian with mean ``[T, ..., act_dim]``."""
         mean = self._forward(params_T, obs)  # [T, ..., act]
-        log_std = params_T["log_std"]  # [T, act]
+        log_std = self.std_log(params_T["log_std"])  # [T, act]
         log_std = log_std.reshape(log_std.shape[0], *([1] * (mean.dim() - 2)), self.act_dim)
         return DiagGaussian(mean, log_std)
 

@@ -177,6 +177,34 @@ def test_gaussian_policy_matches_torch_normal_per_task():
         torch.testing.assert_close(d.entropy()[t], ref.entropy().sum(-1))
 
 
+def test_gaussian_std_floor():
+    """With ``min_std`` the std is ``min_std + exp(log_std)``: it starts at ``init_std``, never
+    goes below the floor, the distribution is that Normal, and the parameter maps back."""
+    pol = GaussianMLPPolicy(3, 2, hidden=(8,), init_std=0.7, min_std=0.2)
+    theta = pol.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+    F64 = torch.float64
+    torch.testing.assert_close(theta["log_std"], torch.full((2,), math.log(0.5), dtype=F64))
+    params_T = _policy_params(pol)
+    params_T["log_std"] = torch.tensor([[-30.0, 0.3], [-1.0, 2.0], [0.0, -5.0]], dtype=F64)
+    _, _, _, _, obs = _data(10)
+    d = pol.dist(params_T, obs)
+    std = 0.2 + params_T["log_std"].exp()  # [T, act]
+    assert float(d.std.min()) >= 0.2 and abs(float(d.std[0, 0, 0, 0]) - 0.2) < 1e-12
+    act = d.sample(torch.Generator().manual_seed(2))
+    for t in range(T):
+        ref = torch.distributions.Normal(d.mean[t], std[t])
+        torch.testing.assert_close(d.log_prob(act)[t], ref.log_prob(act[t]).sum(-1))
+        torch.testing.assert_close(d.entropy()[t], ref.entropy().sum(-1))
+    raw = params_T["log_std"][1:]
+    torch.testing.assert_close(pol.param_log_std(pol.std_log(raw)), raw)
+    with pytest.raises(ValueError, match="not above the policy's min_std=0.2"):
+        pol.param_log_std(torch.tensor([math.log(0.2)], dtype=torch.float64))
+    free = GaussianMLPPolicy(3, 2, init_std=0.7)  # no floor: the parameter is the log-std
+    assert free.std_log(raw) is raw and free.param_log_std(raw) is raw
+    with pytest.raises(ValueError, match=r"min_std must be in \[0, init_std=0.7\)"):
+        GaussianMLPPolicy(3, 2, init_std=0.7, min_std=0.7)
+
+
 def test_gaussian_kl_closed_form_and_gradients():
     pol = GaussianMLPPolicy(3, 2, hidden=(8,))
     old = _policy_params(pol, 0)
