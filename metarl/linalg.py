@@ -107,3 +107,70 @@ def stop_checks(iters: int) -> frozenset[int]:
     the host) whether every system has stopped: 0 (``b = 0``), then 1, 2, 4, 8, ...
     below ``iters``."""
     return frozenset(i for i in range(iters) if i & (i - 1) == 0)  # 0 and the powers of 2
+
+
+def lanczos_extremes(A: Callable[[Params], Params], start: Params,
+                     iters: int) -> tuple[Tensor, Tensor]:
+    """Estimates of the smallest and largest eigenvalue of each task's block of a symmetric,
+    block-diagonal ``A`` (per-task Hessians), from ``iters`` products, batched over tasks.
+
+    Lanczos from ``q_1 = start / |start|`` (per task), with full reorthogonalisation:
+
+        w = A q_j - beta_{j-1} q_{j-1},  alpha_j = q_j.w,
+        w <- w - sum_i (q_i.w) q_i,      beta_j = |w|,  q_{j+1} = w / beta_j
+
+    and the extreme eigenvalues of the tridiagonal ``T_m`` (alphas on the diagonal, betas
+    beside it): Ritz values, which lie inside ``[lambda_min, lambda_max]`` and approach
+    both ends first (Golub and Van Loan 2013, section 10.1). An indefinite ``A`` shows as
+    a negative smallest estimate; since it is an upper bound of lambda_min, a negative
+    estimate proves the block indefinite.
+
+    Args:
+        A: ``u -> A u`` on trees ``[T, *shape]``, task t's output depending only on task
+            t's input.
+        start: a start vector per task (e.g. random), leaves ``[T, *shape]``, none zero.
+        iters: Lanczos steps m >= 1 (products with ``A``), at most the block size.
+
+    Returns:
+        ``(lo, hi)``: ``[T]`` each, the smallest and largest Ritz values.
+
+    Raises:
+        ValueError: ``iters`` out of range, a zero start vector, or a Krylov space that
+            closes before ``iters`` steps (use fewer: the estimates are then exact).
+    """
+    n = sum(v[0].numel() for v in start.values())
+    if not 1 <= iters <= n:
+        raise ValueError(f"Lanczos iterations must be in [1, {n}] (the block size), got {iters}")
+    norm = P.task_dot(start, start).sqrt()  # [T]
+    if not bool((norm > 0).all()):
+        raise ValueError("Lanczos start vector is zero for some task: start from a random one")
+    q = P.scale(start, 1.0 / norm)
+    basis: list[Params] = []
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
+    beta = torch.zeros_like(norm)
+    for j in range(iters):
+        w = A(q)
+        if basis:
+            w = P.add(w, basis[-1], -beta)
+        alpha = P.task_dot(q, w)  # [T]
+        w = P.add(w, q, -alpha)
+        basis.append(q)
+        for qi in basis:  # full reorthogonalisation against round-off
+            w = P.add(w, qi, -P.task_dot(qi, w))
+        alphas.append(alpha)
+        if j == iters - 1:
+            break
+        beta = P.task_dot(w, w).sqrt()  # [T]
+        scale = alpha.abs().max().clamp_min(1.0)
+        if not bool((beta > 1e3 * torch.finfo(beta.dtype).eps * scale).all()):
+            raise ValueError(f"the Krylov space closed after {j + 1} Lanczos steps: ask for "
+                             f"at most {j + 1} (the estimates are then exact)")
+        betas.append(beta)
+        q = P.scale(w, 1.0 / beta)
+    Tm = torch.diag_embed(torch.stack(alphas, -1))  # [T, m, m]
+    if betas:
+        off = torch.diag_embed(torch.stack(betas, -1), offset=1)
+        Tm = Tm + off + off.transpose(1, 2)
+    ritz = torch.linalg.eigvalsh(Tm)  # [T, m] ascending
+    return ritz[:, 0], ritz[:, -1]
