@@ -23,7 +23,7 @@ from metarl.cli.common import (
     user_errors,
 )
 from metarl.cli.settings import DEVICE_HELP, Device
-from metarl.evaluate import adapt_to_task
+from metarl.evaluate import adapt_to_task, eval_rates
 from metarl.rl.family import RLFamily
 from metarl.types import resolve_device, resolve_dtype
 
@@ -52,9 +52,7 @@ def adapt(
             raise UserError(f"metarl adapt is for RL families; {family.name!r} is supervised: use "
                             "metarl evaluate")
         spec = parse_task_json(family, task)
-        inner_lr = run_.config.inner.lr
-        rates = tuple(lr) if lr else (family.defaults.eval.lr or (
-            inner_lr if isinstance(inner_lr, tuple) else (inner_lr,)))
+        rates = eval_rates(run_, lr)
         dev, dtype = resolve_device(device.value), resolve_dtype(run_.config.dtype)
         phi, returns = adapt_to_task(family, run_.theta, spec, steps=steps, lr=rates,
                                      rollouts=rollouts, seed=seed, device=dev, dtype=dtype,

@@ -136,6 +136,11 @@ class TrainConfig:
             raise ConfigError(f"--inner-optimizer adam is first order; --algo {self.algo} {how} "
                               "its SGD inner steps: use --algo reptile or fomaml, or "
                               "--inner-optimizer sgd")
+        if self.inner.learn_lr and self.algo != "maml":
+            raise ConfigError(f"--inner-learn-lr differentiates the inner steps with respect to "
+                              f"their rates: use --algo maml (got {self.algo})")
+        if self.inner.learn_lr and self.inner.steps < 1:
+            raise ConfigError("--inner-learn-lr needs --inner-steps >= 1")
         if self.inner.optimizer == "adam" and self.outer.optimizer == "trpo":
             raise ConfigError("--inner-optimizer adam does not run with --outer trpo (TRPO "
                               "differentiates through the inner steps): use --outer adam or sgd")

@@ -10,7 +10,7 @@ the curves equal one process's.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from metarl import checkpoint, distributed, threads
 from metarl import params as P
 from metarl.checkpoint import Run
 from metarl.families import Family
-from metarl.inner import InnerConfig, adapt
+from metarl.inner import InnerConfig, adapt, model_params
 from metarl.rl.family import RLFamily
 from metarl.train import train
 from metarl.types import (
@@ -190,13 +190,14 @@ def score_while_adapting(batch: TaskBatch, phi: Params, steps: int, cfg: InnerCo
     extra: dict[str, list[torch.Tensor]] = {}
     state = None  # inner Adam's moments and the proximal halvings, carried step to step
     for j in range(steps + 1):
-        data = batch.inner_data(phi) if on_inner else None
+        model = model_params(phi)  # phi_0 may carry learned inner rates; adapt takes them
+        data = batch.inner_data(model) if on_inner else None
         if keep is not None:
-            keep.append(P.detach(phi))
+            keep.append(P.detach(model))
         with torch.no_grad():
-            scored = data if on_inner else batch.outer_data(phi)
-            vals.append(batch.metric(phi, scored).double().cpu())
-            for name, v in (extra_metrics(phi, scored) if extra_metrics else {}).items():
+            scored = data if on_inner else batch.outer_data(model)
+            vals.append(batch.metric(model, scored).double().cpu())
+            for name, v in (extra_metrics(model, scored) if extra_metrics else {}).items():
                 extra.setdefault(name, []).append(v.double().cpu())
         if j < steps:
             ad = adapt(phi, batch, cfg.with_steps(1, cfg.lr_at(j)), create_graph=False,
@@ -332,7 +333,7 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
     cfg = run.config
     n = n_tasks if n_tasks is not None else d.tasks
     k = steps if steps is not None else max(d.steps, cfg.inner.steps)
-    rates = lr or d.lr or (cfg.inner.lr if isinstance(cfg.inner.lr, tuple) else (cfg.inner.lr,))
+    rates = eval_rates(run, lr)
     dev, dtype = resolve_device(device), resolve_dtype(cfg.dtype)
     group = distributed.init(dev)  # the group of one unless launched with several ranks
     dev = distributed.local_device(dev)
@@ -345,7 +346,9 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
     scores = adaptation_values(run.theta, family, prox_lam=prox_lam, **common)
     result = Evaluation(family=family.name, algo=cfg.algo, metric=family.metric,
                         curve=scores.curve(cfg.algo),
-                        settings={"n_tasks": n, "steps": k, "lr": list(rates), "seed": seed,
+                        settings={"n_tasks": n, "steps": k,
+                                  "lr": "learned" if cfg.inner.learn_lr else list(rates),
+                                  "seed": seed,
                                   "proximal_lam": prox_lam, "inner_optimizer": cfg.inner.optimizer,
                                   "family_options": family.options(),
                                   **overrides})
@@ -362,6 +365,21 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
                                       **common)
         result.baselines, result.hlines = curves, hlines
     return result
+
+
+def eval_rates(run: Run, lr: Sequence[float] | None) -> tuple[float, ...]:
+    """The test-time inner rates: ``lr``, else the family's test-time ones, else the run's
+    training rates (a run with learned rates adapts with them; these are then unused).
+
+    Raises:
+        ConfigError: ``lr`` given for a run that learned its inner rates.
+    """
+    if lr and run.config.inner.learn_lr:
+        raise ConfigError("this run learned its inner rates (--inner-learn-lr) and adapts with "
+                          "them: drop --lr")
+    inner_lr = run.config.inner.lr
+    return tuple(lr) if lr else (run.family().defaults.eval.lr or (
+        inner_lr if isinstance(inner_lr, tuple) else (inner_lr,)))
 
 
 def check_procs(run: Run, procs: int, *, n_tasks: int | None = None, baselines: bool = True,

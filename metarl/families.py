@@ -25,6 +25,7 @@ import torch
 from metarl import params as P
 from metarl.config import Defaults, TrainConfig
 from metarl.distributed import Group
+from metarl.inner import model_params
 from metarl.outer import OuterOptimizer
 from metarl.types import ConfigError, Params, TaskBatch
 
@@ -130,10 +131,10 @@ _loaded_entry_points = False
 
 def fits(family: Family, theta: Params) -> bool:
     """Whether parameters ``theta`` (e.g. a checkpoint's) have the names and shapes of
-    ``family``'s model."""
+    ``family``'s model (learned inner rates beside them are not the model's)."""
     fresh = family.init_params(torch.Generator().manual_seed(0), torch.device("cpu"),
                                torch.float32)
-    return P.shapes(fresh) == P.shapes(theta)
+    return P.shapes(fresh) == P.shapes(model_params(theta))
 
 
 def register(name: str, factory: Factory, *, overwrite: bool = False) -> None:

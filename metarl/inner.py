@@ -8,6 +8,7 @@ proximal solve.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,6 +36,10 @@ class InnerConfig:
     """Inner Adam's first-moment decay (Reptile's 0: no momentum)."""
     adam_beta2: float = 0.999
     """Inner Adam's second-moment decay."""
+    learn_lr: bool = False
+    """Meta-learn the inner rates: one per inner step and parameter tensor (MAML++'s
+    per-layer per-step rates, a coarse Meta-SGD), started at lr; maml only. Test steps past
+    the trained ones take the last step's rates."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -67,6 +72,31 @@ class InnerConfig:
 INNER_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 ADAM_EPS = 1e-8
 """Inner Adam's epsilon (added to the bias-corrected root second moment)."""
+LR_KEY = "inner_lr."
+"""Prefix of the learned inner rates in the meta-parameters: ``inner_lr.{name}`` ``[k]``
+holds ``log alpha_j`` for parameter ``name``, one entry per inner step j."""
+
+
+def with_learned_lr(theta: Params, cfg: InnerConfig) -> Params:
+    """``theta`` and, for each of its tensors, the learned log-rates of ``cfg.steps`` inner
+    steps, started at ``log(cfg.lr_at(j))`` (leaves without a task dimension)."""
+    if cfg.steps < 1:
+        raise ConfigError("learned inner rates need inner steps >= 1")
+    v0 = next(iter(theta.values()))
+    logs = torch.tensor([math.log(cfg.lr_at(j)) for j in range(cfg.steps)], device=v0.device,
+                        dtype=v0.dtype)
+    return {**theta, **{LR_KEY + k: logs.clone() for k in theta}}
+
+
+def split_lr(params: Params) -> tuple[Params, Params]:
+    """``(model, rates)``: the model's parameters and the learned log-rates (``LR_KEY``)."""
+    model = {k: v for k, v in params.items() if not k.startswith(LR_KEY)}
+    return model, {k: v for k, v in params.items() if k.startswith(LR_KEY)}
+
+
+def model_params(params: Params) -> Params:
+    """``params`` without learned inner rates: what a model's forward takes."""
+    return split_lr(params)[0]
 
 
 @dataclass
@@ -82,6 +112,10 @@ class InnerState:
     """Adam steps taken."""
     halvings: Tensor | None = None
     """``[T]`` step halvings of the proximal (iMAML) monotone steps so far."""
+    rates: Params | None = None
+    """Learned log-rates ``inner_lr.{name}`` ``[T, k]`` (None: the config's rates)."""
+    taken: int = 0
+    """Inner steps taken so far (which learned rate the next step takes)."""
 
 
 @dataclass
@@ -89,7 +123,8 @@ class Adaptation:
     """What an inner loop produced."""
 
     phi: Params
-    """Adapted per-task parameters phi_k, leaves ``[T, *shape]``."""
+    """Adapted per-task parameters phi_k, leaves ``[T, *shape]`` (the model's: learned
+    inner rates are in ``state``)."""
     data: list[Data] = field(default_factory=list)
     """The inner data used at each step (k entries), for re-adaptation without resampling."""
     losses: list[Tensor] = field(default_factory=list)
@@ -112,7 +147,9 @@ def adapt(
     """Run ``cfg.steps`` inner gradient steps for all tasks at once.
 
     Args:
-        params: starting per-task parameters phi_0, leaves ``[T, *shape]``.
+        params: starting per-task parameters phi_0, leaves ``[T, *shape]``; learned
+            inner rates among them (``LR_KEY``) set every step's rate (``cfg.lr`` is then
+            unused) and are differentiated through with ``create_graph``.
         batch: the tasks.
         cfg: steps and learning rate(s).
         create_graph: keep the graph of every step (second-order MAML, TRPO).
@@ -136,7 +173,8 @@ def adapt(
         continue from.
 
     Raises:
-        ConfigError: inner adam with ``create_graph`` or ``prox`` (it is first order).
+        ConfigError: inner adam with ``create_graph`` or ``prox`` (it is first order);
+            learned rates with inner adam or ``prox``.
     """
     if data is not None and len(data) < cfg.steps:
         raise ValueError(f"got inner data for {len(data)} steps, need {cfg.steps}")
@@ -144,8 +182,17 @@ def adapt(
         raise ConfigError("the inner adam optimizer is first order: train it with --algo "
                           "reptile or fomaml and --outer adam or sgd")
     T = batch.n_tasks
-    phi = params
+    phi, rates = split_lr(params)
     out = Adaptation(phi=phi, state=InnerState() if state is None else state)
+    if rates:  # learned rates of theta (the first call of an adaptation) override the state's
+        out.state = dataclasses.replace(out.state, rates=rates)
+    rates = out.state.rates or {}
+    if rates and (cfg.optimizer != "sgd" or prox is not None):
+        raise ConfigError("learned inner rates scale plain gradient steps: use --algo maml with "
+                          "--inner-optimizer sgd")
+    if rates and not create_graph:
+        rates = P.detach(rates)
+    taken = out.state.taken
     for j in range(cfg.steps):
         if not create_graph:
             phi = P.detach(phi, requires_grad=True)
@@ -165,9 +212,23 @@ def adapt(
             out.state = dataclasses.replace(out.state, halvings=halvings)
         elif cfg.optimizer == "adam":
             phi, out.state = _adam_step(phi, g, out.state, cfg, cfg.lr_at(j))
+        elif rates:
+            phi = _learned_step(phi, g, rates, taken + j)
         else:
             phi = P.add(phi, g, -cfg.lr_at(j))
     out.phi = phi if create_graph else P.detach(phi)
+    out.state = dataclasses.replace(out.state, taken=taken + cfg.steps)
+    return out
+
+
+def _learned_step(phi: Params, g: Params, rates: Params, j: int) -> Params:
+    """``phi - exp(log_alpha_j) * g`` per tensor and task with the learned log-rates
+    ``rates`` ``[T, k]``; steps past k take the last rate."""
+    out = {}
+    for k, v in phi.items():
+        log_alpha = rates[LR_KEY + k]  # [T, k]
+        a = log_alpha[:, min(j, log_alpha.shape[1] - 1)].exp()  # [T]
+        out[k] = v - P.per_task(a, g[k]) * g[k]
     return out
 
 

@@ -30,7 +30,7 @@ import torch
 
 from metarl import checkpoint
 from metarl import params as P
-from metarl.evaluate import score_while_adapting
+from metarl.evaluate import eval_rates, score_while_adapting
 from metarl.inner import InnerConfig
 from metarl.rl.family import RLFamily
 from metarl.types import ConfigError, Params
@@ -295,9 +295,7 @@ def render_adaptation(run: checkpoint.Run, task: Mapping[str, Any], out: str | P
         spec = family.check_task(dict(task) if isinstance(task, Mapping) else task)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"bad task for family {family.name!r}: {e}") from None
-    inner_lr = run.config.inner.lr
-    rates = tuple(lr) if lr else (family.defaults.eval.lr or (
-        inner_lr if isinstance(inner_lr, tuple) else (inner_lr,)))
+    rates = eval_rates(run, lr)
     phis, returns = adapted_policies(family, run.theta, spec, steps=steps, lr=rates,
                                      rollouts=rollouts, seed=seed, rule=run.config.inner)
     labels = ["before adaptation"] + [f"after step {j}" for j in range(1, steps + 1)]

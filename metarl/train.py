@@ -22,6 +22,7 @@ from metarl import params as P
 from metarl.algorithms import MetaGrad, meta_grad
 from metarl.config import TrainConfig
 from metarl.families import Family, SupportsTRPO
+from metarl.inner import LR_KEY, with_learned_lr
 from metarl.outer import GradientOuter, OuterOptimizer
 from metarl.rl.diagnostics import rl_diagnostics
 from metarl.rl.family import RLFamily
@@ -165,7 +166,9 @@ def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = Fals
         raise ConfigError(f"--resume: run folder {str(out)!r} has no checkpoint to continue")
     if resume:
         run = checkpoint.load(out)
-        if run.config.family != cfg.family or not families.fits(family, run.theta):
+        learned = any(k.startswith(LR_KEY) for k in run.theta)
+        if run.config.family != cfg.family or not families.fits(family, run.theta) \
+                or learned != cfg.inner.learn_lr:
             raise ConfigError(f"--resume: the checkpoint in {str(out)!r} is a "
                               f"{run.config.family!r} model that does not fit these "
                               "settings: resume with the run's own family and options")
@@ -281,17 +284,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
         prepare_out(out, overwrite=overwrite, resume=resume)
     group.barrier()
     g_init, g_tasks = seeds(cfg.seed)
-    theta = P.clone_leaf(family.init_params(g_init, device, dtype))
-    run = checkpoint.load(out) if resume else None
-    start = 0
-    if run is not None:
-        theta = P.clone_leaf(P.to(run.theta, device, dtype))
-        if run.task_rng is not None:
-            g_tasks.set_state(run.task_rng)
-        start = run.iteration
-    outer = make_outer(cfg, theta, family, group)
-    if run is not None and run.optimizer:
-        outer.load_state_dict(run.optimizer)
+    theta, outer, start = _start(cfg, family, out if resume else None, g_init, g_tasks,
+                                 group, device, dtype)
     logged = 0.0  # seconds of training before this run
     if group.is_main:
         logged = trim_metrics(out, start) if resume else 0.0
@@ -324,13 +318,8 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                 mg = outer.step(theta, batch, compute)
                 show = it % max(1, min(cfg.log_every, 10)) == 0 or it == cfg.iterations
                 if show or it % cfg.log_every == 0:
-                    metrics = mg.metrics()
-                    metrics.update(return_metrics(batch, mg))
-                    metrics.update(time_metrics(batch, time.perf_counter() - t_it))
-                    if isinstance(batch, RLTaskBatch):
-                        metrics.update(rl_diagnostics(batch, theta, mg.inner_data,
-                                                      mg.outer_data, batch.sample_seconds))
-                    metrics = group.task_mean_metrics(metrics, batch.n_tasks)
+                    metrics = iteration_metrics(batch, mg, theta, group,
+                                                time.perf_counter() - t_it)
                 if it % cfg.log_every == 0 or it == cfg.iterations:
                     row = {"iteration": it, "seconds": round(logged + time.perf_counter() - t0, 3),
                            **metrics}
@@ -342,9 +331,7 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                 if it % cfg.checkpoint_every == 0:
                     save(it)
                     if cfg.keep_checkpoints and group.is_main:
-                        checkpoint.atomic_write(kept_checkpoint(out, it),
-                                                lambda tmp: shutil.copyfile(
-                            out / checkpoint.CHECKPOINT, tmp))
+                        keep_checkpoint(out, it)
                 if progress is not None:
                     progress(it, metrics if show else None)
                 if callbacks:
@@ -361,6 +348,47 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
     save(it)
     return RunResult(out=out, iterations=it - start, seconds=time.perf_counter() - t0,
                      metrics=metrics)
+
+
+def _start(cfg: TrainConfig, family: Family, resume_from: Path | None,
+           g_init: torch.Generator, g_tasks: torch.Generator, group: distributed.Group,
+           device: torch.device, dtype: torch.dtype) -> tuple[Params, OuterOptimizer, int]:
+    """The meta-parameters, the outer optimizer and the last finished iteration a run
+    starts from: fresh ones drawn with ``g_init``, or those of the checkpoint in
+    ``resume_from`` (``g_tasks`` then continues the checkpoint's task stream)."""
+    run = checkpoint.load(resume_from) if resume_from is not None else None
+    if run is None:
+        theta = family.init_params(g_init, device, dtype)
+        if cfg.inner.learn_lr:
+            theta = with_learned_lr(theta, cfg.inner)
+        theta = P.clone_leaf(theta)
+        return theta, make_outer(cfg, theta, family, group), 0
+    theta = P.clone_leaf(P.to(run.theta, device, dtype))
+    if run.task_rng is not None:
+        g_tasks.set_state(run.task_rng)
+    outer = make_outer(cfg, theta, family, group)
+    if run.optimizer:
+        outer.load_state_dict(run.optimizer)
+    return theta, outer, run.iteration
+
+
+def iteration_metrics(batch: TaskBatch, mg: MetaGrad, theta: Params, group: distributed.Group,
+                      seconds: float) -> dict[str, float]:
+    """What a logged iteration reports: the meta-gradient's metrics, the returns (RL),
+    the times and the RL diagnostics, averaged over the tasks of every rank."""
+    metrics = mg.metrics()
+    metrics.update(return_metrics(batch, mg))
+    metrics.update(time_metrics(batch, seconds))
+    if isinstance(batch, RLTaskBatch):
+        metrics.update(rl_diagnostics(batch, theta, mg.inner_data, mg.outer_data,
+                                      batch.sample_seconds))
+    return group.task_mean_metrics(metrics, batch.n_tasks)
+
+
+def keep_checkpoint(out: Path, iteration: int) -> None:
+    """Copy the run's checkpoint to ``checkpoints/iteration-NNNNNN.pt`` (atomically)."""
+    checkpoint.atomic_write(kept_checkpoint(out, iteration),
+                            lambda tmp: shutil.copyfile(out / checkpoint.CHECKPOINT, tmp))
 
 
 def return_metrics(batch: TaskBatch, mg: MetaGrad) -> dict[str, float]:

@@ -43,7 +43,7 @@ from torch import Tensor
 from metarl import params as P
 from metarl.algorithms.base import MetaGrad
 from metarl.distributed import LOCAL, Group
-from metarl.inner import InnerConfig, adapt
+from metarl.inner import LR_KEY, InnerConfig, adapt, split_lr
 from metarl.linalg import cg
 from metarl.outer import Compute
 from metarl.types import ConfigError, Data, Params, RLTaskBatch, TaskBatch, check_finite
@@ -193,9 +193,12 @@ class TRPO:
         assert old is not None
         inner_data, out = self.fisher_data(batch, mg)
         T = batch.n_tasks
+        model, rates = split_lr(theta)
+        if rates and self.through:
+            return self._learned_rate_fvp(theta, batch, inner_data, out, old)
         inner_hvps: list[tuple[float, Callable[[Params], Params]]] = []
         if self.through:
-            phi = P.expand(P.detach(theta), T)
+            phi = P.expand(P.detach(model), T)
             steps = self.readapt_steps
             for j, d in enumerate(inner_data):
                 g, H = P.grad_and_hvp(_inner_loss_on(batch, d), phi)
@@ -216,6 +219,51 @@ class TRPO:
             w = P.grads(P.task_dot(grad_kl, u).sum(), phi_k, retain_graph=True)  # F_phi J v
             w = J(w, inner_hvps[::-1])  # J^T F_phi J v (each H_j symmetric), per task
             return torch.cat([x.reshape(T, -1) for x in w.values()], 1)
+
+        return F
+
+    def _learned_rate_fvp(self, theta: Params, batch: RLTaskBatch, inner_data: list[Data],
+                          out: Data, old: Params) -> Callable[[Tensor], Tensor]:
+        """:meth:`task_fisher_vector_products` when the inner rates are meta-parameters too
+        (``inner_lr.*`` in theta, learned per step j and tensor p: ``a_jp = exp(rho_jp)``).
+
+        A step ``phi_{j+1} = phi_j - A_j g_j`` (``A_j`` scales tensor p by ``a_jp``) moves
+        with ``d phi_{j+1} = (I - A_j H_j) d phi_j - A_j g_j * d rho_j``, so J maps
+        ``(d theta, d rho)`` to ``d phi_k`` by that recursion and its transpose takes
+        ``w -> (I - H_j A_j) w`` back through the steps, collecting
+        ``d rho_jp = -a_jp g_jp . w_p`` on the way; F_t = J^T F_phi J as before."""
+        T = batch.n_tasks
+        model, rates = split_lr(theta)
+        rates_T = P.expand(P.detach(rates), T)  # [T, k] per tensor
+        n_rates = next(iter(rates_T.values())).shape[1]
+        phi = P.expand(P.detach(model), T)
+        steps: list[tuple[int, dict[str, Tensor], Params, Callable[[Params], Params]]] = []
+        for j, d in enumerate(inner_data):
+            g, H = P.grad_and_hvp(_inner_loss_on(batch, d), phi)
+            i = min(j, n_rates - 1)
+            a = {k: rates_T[LR_KEY + k][:, i].exp() for k in phi}  # [T] per tensor
+            steps.append((i, a, g, H))
+            phi = {k: v - P.per_task(a[k], g[k]) * g[k] for k, v in phi.items()}
+        phi_k = P.detach(old, requires_grad=True)
+        grad_kl = P.grads(batch.kl(old, phi_k, out).sum(), phi_k, create_graph=True)  # [T, ...]
+        like = P.detach(theta)
+
+        def F(v: Tensor) -> Tensor:
+            vt = P.expand(P.unflatten(v, like), T)
+            u = {k: vt[k] for k in model}
+            for i, a, g, H in steps:  # J v
+                Hu = H(u)
+                u = {k: x - P.per_task(a[k], x) * (Hu[k] + g[k] * P.per_task(
+                    vt[LR_KEY + k][:, i], x)) for k, x in u.items()}
+            w = P.grads(P.task_dot(grad_kl, u).sum(), phi_k, retain_graph=True)  # F_phi J v
+            back = {LR_KEY + k: torch.zeros_like(vt[LR_KEY + k]) for k in model}
+            for i, a, g, H in reversed(steps):  # J^T w
+                for k in model:
+                    back[LR_KEY + k][:, i] -= a[k] * (g[k] * w[k]).flatten(1).sum(1)
+                Haw = H({k: P.per_task(a[k], x) * x for k, x in w.items()})
+                w = {k: x - Haw[k] for k, x in w.items()}
+            res = {**w, **back}
+            return torch.cat([res[k].reshape(T, -1) for k in theta], 1)
 
         return F
 

@@ -15,7 +15,7 @@ from metarl import config as C
 from metarl import params as P
 from metarl.algorithms import exact, maml, meta_grad
 from metarl.cli.main import app
-from metarl.inner import InnerConfig
+from metarl.inner import InnerConfig, with_learned_lr
 from metarl.rl.batch import RLBatch, RLConfig
 from metarl.rl.family import RLFamily
 from metarl.rl.policies import GaussianMLPPolicy
@@ -90,11 +90,14 @@ def test_trpo_step_respects_kl_bound_and_improves():
     assert not torch.equal(before, P.flatten(P.detach(theta)))
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_fisher_chain_equals_direct_kl_hessian(k):
-    fam, theta, g = nav(F64, horizon=10)
+@pytest.mark.parametrize("k, min_std, learn_lr", [(1, 0.0, False), (2, 0.0, False),
+                                                  (2, 0.3, False), (2, 0.0, True)])
+def test_fisher_chain_equals_direct_kl_hessian(k, min_std, learn_lr):
+    fam, theta, g = nav(F64, horizon=10, min_std=min_std)
     cfg = C.resolve(fam, {"iterations": 1, "device": "cpu", "dtype": "float64", "inner_steps": k,
-                          "family_options": fam.options()})
+                          "inner": {"learn_lr": learn_lr}, "family_options": fam.options()})
+    if learn_lr:  # the rates are meta-parameters too: the Fisher covers them
+        theta = with_learned_lr(theta, cfg.inner)
     trpo = fam.make_outer(cfg, theta)
     batch = fam.sample_batch(3, g, dtype=F64)
     mg = meta_grad("maml", theta, batch, cfg.inner)
