@@ -152,3 +152,7 @@ def test_the_shipped_example_configs_read():
                     C.read_config_file(folder / "navigation2d-two-steps.toml"))
     assert (two.inner.steps, two.inner.lr, two.iterations) == (2, (0.1, 0.05), 500)
     assert two.keep_checkpoints and two.checkpoint_every == 25
+    floor = C.resolve(families.make("navigation2d"),
+                      C.read_config_file(folder / "navigation2d-std-floor.toml"))
+    assert floor.family_options["min_std"] == 0.25 and floor.inner.steps == 1
+    assert families.make("navigation2d", **floor.family_options).policy().min_std == 0.25
