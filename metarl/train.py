@@ -381,7 +381,7 @@ def iteration_metrics(batch: TaskBatch, mg: MetaGrad, theta: Params, group: dist
     metrics.update(time_metrics(batch, seconds))
     if isinstance(batch, RLTaskBatch):
         metrics.update(rl_diagnostics(batch, theta, mg.inner_data, mg.outer_data,
-                                      batch.sample_seconds))
+                                      batch.sample_seconds, phi=mg.phi))
     return group.task_mean_metrics(metrics, batch.n_tasks)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metarl.rl.batch import Trajectories
+from metarl.rl.batch import Trajectories, masked_task_mean
 from metarl.rl.returns import discounted_returns
 from metarl.types import Params
 
@@ -40,9 +40,10 @@ def explained_variance(returns: Tensor, values: Tensor, mask: Tensor) -> Tensor:
 
 
 def rl_diagnostics(batch: Any, theta: Params, inner_data: list[Any], outer_data: Any,
-                   sample_seconds: float) -> dict[str, float]:
+                   sample_seconds: float, phi: Params | None = None) -> dict[str, float]:
     """``policy/std``, ``policy/entropy``, ``baseline/explained_variance``,
-    ``rollout/episode_length`` and ``time/env_steps_per_s`` of one RL meta-iteration.
+    ``rollout/episode_length``, ``time/env_steps_per_s`` and ``adapt/kl`` of one RL
+    meta-iteration.
 
     Args:
         batch: the iteration's :class:`~metarl.rl.batch.RLBatch` (its ``cfg.gamma``).
@@ -55,6 +56,12 @@ def rl_diagnostics(batch: Any, theta: Params, inner_data: list[Any], outer_data:
             the episode length is their mean number of steps.
         sample_seconds: wall time the iteration spent sampling (``time/sample``); the
             rate counts every environment step sampled (before and after adaptation).
+        phi: the adapted parameters ``[T, ...]``; ``adapt/kl`` is then the mean over tasks
+            of KL(pi_theta || pi_phi) per step on the pre-adaptation trajectories (the
+            Monte Carlo estimate from their sampled actions and recorded log-probabilities,
+            theta being the parameters they were sampled with): how far adaptation moves
+            the policy. A length that grows over training makes untrained extra test
+            steps overshoot.
 
     Returns:
         The metrics that apply (a categorical policy has no ``policy/std``).
@@ -82,6 +89,11 @@ def rl_diagnostics(batch: Any, theta: Params, inner_data: list[Any], outer_data:
     names += ["baseline/explained_variance", "rollout/episode_length", "_steps"]
     values += [explained_variance(ret, base, roll.mask).mean(), roll.lengths().mean(),
                sum(d.rollouts.mask.sum() for d in sampled)]
+    if phi is not None and inner_data and hasattr(batch, "log_probs"):
+        with torch.no_grad():  # E_{a ~ pi_theta}[log pi_theta(a) - log pi_phi(a)], per step
+            gap = roll.log_probs - batch.log_probs(phi, first)  # [T, E, H]
+            names.append("adapt/kl")
+            values.append(masked_task_mean(gap, roll.mask).mean())
     dev = roll.rewards.device
     host = torch.stack([v.detach().to(dev, torch.float64) for v in values]).tolist()  # one sync
     m = dict(zip(names, host))

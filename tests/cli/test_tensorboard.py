@@ -15,7 +15,7 @@ from metarl.rl.diagnostics import explained_variance
 
 runner = CliRunner()
 DIAGNOSTICS = {"policy/std", "policy/entropy", "baseline/explained_variance",
-               "rollout/episode_length", "time/env_steps_per_s"}
+               "rollout/episode_length", "time/env_steps_per_s", "adapt/kl"}
 
 
 def run(*args):
