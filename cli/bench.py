@@ -160,7 +160,8 @@ def _fmt(v: object) -> str:
 def _table(name: str, rows: list[Row]) -> Table:
     """One row per (algo, k), the implementations side by side, each against the loop."""
     table = Table(title=f"bench: {name}")
-    keys = [k for k in rows[0] if k not in ("impl", "sec_per_iter", "peak_mb", "error")] if rows else []
+    keys = [k for k in rows[0] if k not in ("impl", "sec_per_iter", "peak_mb", "error", "chunk")
+            ] if rows else []
     impls: list[str] = []
     for r in rows:
         if r.get("impl", "batched") not in impls:
@@ -178,8 +179,11 @@ def _table(name: str, rows: list[Row]) -> Table:
     for r in rows:
         groups.setdefault(tuple(r.get(k) for k in keys), {})[r.get("impl", "batched")] = r
 
-    def ms(r: Row) -> str:
-        return r["error"][:30] if "error" in r else (f"{1e3 * r['sec_per_iter']:.2f}" if r else "")
+    def ms(r: Row) -> str:  # "auto" rows: the chunk it chose in brackets
+        if "error" in r:
+            return str(r["error"])[:30]
+        return (f"{1e3 * r['sec_per_iter']:.2f}" + (f" [{r['chunk']}]" if "chunk" in r else "")
+                if r else "")
 
     def mb(r: Row) -> str:
         return f"{r['peak_mb']:.1f}" if r and "peak_mb" in r else ""

@@ -37,7 +37,7 @@ PANELS = {"family": "Task", "inner": "Inner loop", "imaml": "iMAML", "trpo": "TR
 """Help panel of each top-level setting; the others go under "Outer loop"."""
 
 FAMILY_DEFAULTED = {"algo", "iterations", "meta_batch", "inner", "outer", "imaml", "trpo",
-                    "log_every", "checkpoint_every"}
+                    "log_every", "checkpoint_every", "task_chunk"}
 """Top-level settings whose default is the family's (its published hyperparameters)."""
 
 
@@ -87,8 +87,26 @@ def _option_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     if origin in (typing.Union, types.UnionType):
         arms = [a for a in args if a is not type(None)]
         scalar = [a for a in arms if a in (int, float, str, bool)]
+        words = [w for a in arms if get_origin(a) is Literal for w in get_args(a)]
+        if int in scalar and words:  # an integer or a word (--task-chunk 4 / auto)
+            return str, {"callback": _int_or(tuple(words)), "metavar": f"<int|{'|'.join(words)}>"}
         return _option_type(scalar[0] if scalar else arms[0])
     return tp, {}
+
+
+def _int_or(words: tuple[str, ...]) -> Callable[[Optional[str]], Any]:
+    """Option callback: an integer as an int, anything else as given (one of ``words``, or a
+    value the configuration's check refuses in one line naming the setting)."""
+
+    def parse(value: Optional[str]) -> Any:
+        if value is None or value in words:
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            return value
+
+    return parse
 
 
 def _parameter(s: Setting) -> inspect.Parameter:

@@ -39,7 +39,7 @@ import torch
 from metarl import config as C
 from metarl import distributed, families, threads
 from metarl import params as P
-from metarl.algorithms import IMAMLConfig, meta_grad
+from metarl.algorithms import ChunkChooser, IMAMLConfig, meta_grad
 from metarl.inner import InnerConfig
 from metarl.memory import peak_memory
 from metarl.outer import GradientOuter
@@ -99,7 +99,10 @@ def _timeit(step: Callable[[], None], case: Case) -> float:
 
 
 def _supervised_step(family_name: str, case: Case, family_options: dict[str, Any],
-                     inner_lr: float, imaml_lam: float, imaml_cg: int) -> Callable[[], None]:
+                     inner_lr: float, imaml_lam: float, imaml_cg: int,
+                     chooser: ChunkChooser | None = None) -> Callable[[], None]:
+    """One outer step of ``case`` (impl "auto": through ``chooser``, which its first call
+    sets)."""
     dev = torch.device(case.device)
     fam = families.make(family_name, **family_options)
     g = torch.Generator().manual_seed(0)
@@ -107,10 +110,15 @@ def _supervised_step(family_name: str, case: Case, family_options: dict[str, Any
     batch = fam.sample_batch(case.meta_batch, g, split="train", device=dev, dtype=torch.float32)
     inner = InnerConfig(steps=case.k, lr=inner_lr)
     icfg = IMAMLConfig(lam=imaml_lam, cg_iters=imaml_cg)
-    chunk = {"batched": None, "loop": 1, "chunked": (case.options or {}).get("chunk")}[case.impl]
+    chunk = {"batched": None, "loop": 1, "auto": None,
+             "chunked": (case.options or {}).get("chunk")}[case.impl]
     outer = GradientOuter(theta, "adam", 1e-3)
 
     def step() -> None:
+        if chooser is not None:
+            outer.step(theta, batch, lambda th, b: chooser.meta_grad(case.algo, th, b, inner,
+                                                                     icfg))
+            return
         outer.step(theta, batch, lambda th, b: meta_grad(case.algo, th, b, inner, icfg,
                                                          chunk=chunk))
 
@@ -321,14 +329,18 @@ def run_omniglot(case: Case) -> Row:
     inner_lr = 0.4 if case.algo in ("maml", "fomaml") else 0.1
     fam_opts = {"data": opts.get("data"), "ways": 5, "shots": 1,
                 "query": int(opts.get("query", 15)), "filters": int(opts.get("filters", 64))}
+    chooser = ChunkChooser() if case.impl == "auto" else None
     step = _supervised_step("omniglot", case, fam_opts, inner_lr=inner_lr, imaml_lam=lam,
-                            imaml_cg=5)
-    step()
+                            imaml_cg=5, chooser=chooser)
+    step()  # with impl "auto": times the candidates and keeps the fastest
     with peak_memory(case.device) as peak:
         step()
     impl = case.impl + (f"-{opts['chunk']}" if case.impl == "chunked" else "")
-    return {"algo": case.algo, "k": case.k, "impl": impl, "sec_per_iter": _timeit(step, case),
-            "peak_mb": peak.mb}
+    row: Row = {"algo": case.algo, "k": case.k, "impl": impl,
+                "sec_per_iter": _timeit(step, case), "peak_mb": peak.mb}
+    if chooser is not None:
+        row["chunk"] = chooser.chunk  # what --task-chunk auto chose here
+    return row
 
 
 OMNIGLOT_CHUNK = 4
@@ -345,7 +357,7 @@ def omniglot_cases(device: str, scale: Scale, data: str | None = None) -> Iterat
     quick = scale == "quick"
     plan = [("maml", 1), ("maml", 5), ("imaml", 5)] if not quick else [("maml", 1)]
     for algo, k in plan:
-        for impl in ("batched", "chunked", "loop"):
+        for impl in ("batched", "chunked", "auto", "loop"):
             yield Case(section="omniglot", algo=algo, k=k, impl=impl, device=device, meta_batch=32,
                        repeats=2 if quick else 3, warmup=1,
                        options={"data": data, "chunk": OMNIGLOT_CHUNK})

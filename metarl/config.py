@@ -97,9 +97,10 @@ class TrainConfig:
     outer: OuterConfig = field(default_factory=OuterConfig)
     imaml: IMAMLConfig = field(default_factory=IMAMLConfig)
     trpo: TRPOConfig = field(default_factory=TRPOConfig)
-    task_chunk: int | None = None
+    task_chunk: int | Literal["auto"] | None = None
     """Process the meta-batch this many tasks at a time and average (supervised families):
-    peak memory of one chunk, same gradient. None: all tasks at once."""
+    peak memory of one chunk, same gradient up to rounding. None: all tasks at once; auto:
+    the fastest of T, T/2, ... 1, timed on the first meta-iteration."""
     seed: int = 0
     """Seed of the initial parameters and of the training tasks."""
     device: DeviceName = "auto"
@@ -125,8 +126,10 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 flag = name.replace("_", "-")
                 raise ConfigError(f"{flag} must be >= 1, got {getattr(self, name)}")
-        if self.task_chunk is not None and self.task_chunk < 1:
-            raise ConfigError(f"task-chunk must be >= 1, got {self.task_chunk}")
+        if self.task_chunk not in (None, "auto") and (
+                not isinstance(self.task_chunk, int) or self.task_chunk < 1):
+            raise ConfigError(f"task-chunk must be an integer >= 1 or auto, got "
+                              f"{self.task_chunk!r}")
         if self.device not in get_args(DeviceName) and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"unknown device {self.device!r}: use auto, cpu or cuda")
         if self.dtype not in get_args(DTypeName):
@@ -311,7 +314,16 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def _describe(tp: Any) -> str:
-    return str(tp).replace("typing.", "")
+    """``tp`` in words: ``an integer, auto or none`` for ``int | Literal["auto"] | None``."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args]
+        return ", ".join(parts[:-1]) + " or " + parts[-1] if len(parts) > 1 else parts[0]
+    if origin is Literal:
+        return " or ".join(map(str, args))
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             type(None): "none"}
+    return words.get(tp, str(tp).replace("typing.", ""))
 
 
 def _unknown(key: str, known: list[str], where: str) -> ConfigError:

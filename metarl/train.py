@@ -19,7 +19,7 @@ import torch
 
 from metarl import checkpoint, distributed, families, threads
 from metarl import params as P
-from metarl.algorithms import MetaGrad, meta_grad
+from metarl.algorithms import ChunkChooser, MetaGrad, meta_grad
 from metarl.config import TrainConfig
 from metarl.families import Family, SupportsTRPO
 from metarl.inner import LR_KEY, with_learned_lr
@@ -122,8 +122,16 @@ def meta_batch_grad(cfg: TrainConfig,
     (:meth:`~metarl.distributed.Group.ordered_mean`), so the step is the same to the last
     bit on any number of processes."""
 
+    chooser = ChunkChooser() if cfg.task_chunk == "auto" else None
+
     def compute(theta: Params, batch: TaskBatch) -> MetaGrad:
-        mg = meta_grad(cfg.algo, theta, batch, cfg.inner, cfg.imaml, chunk=cfg.task_chunk)
+        if chooser is not None:
+            mg = chooser.meta_grad(cfg.algo, theta, batch, cfg.inner, cfg.imaml)
+            mg = dataclasses.replace(mg, extra={**mg.extra,
+                                                "time/task_chunk": float(chooser.chunk or 0)})
+        else:
+            chunk = cfg.task_chunk if isinstance(cfg.task_chunk, int) else None
+            mg = meta_grad(cfg.algo, theta, batch, cfg.inner, cfg.imaml, chunk=chunk)
         assert mg.task_grads is not None  # every algorithm of meta_grad returns them
         grad = group.ordered_mean_params(mg.task_grads, group.counts(cfg.meta_batch))
         return dataclasses.replace(mg, grad=grad)

@@ -156,3 +156,18 @@ def test_the_shipped_example_configs_read():
                       C.read_config_file(folder / "navigation2d-std-floor.toml"))
     assert floor.family_options["min_std"] == 0.25 and floor.inner.steps == 1
     assert families.make("navigation2d", **floor.family_options).policy().min_std == 0.25
+
+
+def test_task_chunk_is_an_integer_or_auto(tmp_path):
+    assert C.TrainConfig(task_chunk="auto").task_chunk == "auto"
+    for bad in (0, "fast", 2.5):
+        with pytest.raises(ConfigError, match="task-chunk must be an integer >= 1 or auto"):
+            C.TrainConfig(task_chunk=bad)
+    layer = C.read_config_file(toml(tmp_path, 'task_chunk = "auto"'))
+    cfg = C.resolve(families.make("sinusoid"), layer)
+    assert cfg.task_chunk == "auto"
+    assert C.resolve(families.make("sinusoid")).task_chunk is None  # whole batch by default
+    omni = families.make("omniglot", data="unused")
+    assert C.resolve(omni).task_chunk == "auto"  # the conv net: timed on the machine
+    line = train_error("--family", "sinusoid", "--task-chunk", "fast", "--out", tmp_path / "r")
+    assert "task_chunk in settings = 'fast' is not an integer, auto or none" in line

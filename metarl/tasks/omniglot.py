@@ -143,7 +143,7 @@ class OmniglotFamily(FamilyBase):
             train=TrainConfig(algo="maml", iterations=60_000, meta_batch=32 if five else 16,
                               inner=InnerConfig(steps=1 if five else 5, lr=0.4 if five else 0.1),
                               outer=OuterConfig(lr=1e-3), imaml=IMAMLConfig(lam=2.0, cg_iters=5),
-                              log_every=100, checkpoint_every=1000),
+                              log_every=100, checkpoint_every=1000, task_chunk="auto"),
             per_algo={"imaml": InnerOverride(steps=16 if five else 25, lr=0.1),
                       "reptile": InnerOverride(steps=5 if five else 10, lr=0.1)},
             eval=EvalDefaults(steps=3 if five else 5, tasks=600))

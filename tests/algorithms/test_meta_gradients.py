@@ -143,6 +143,46 @@ def test_task_chunks_give_the_same_meta_gradient(algo):
         assert parts.extra[k] == pytest.approx(whole.extra[k], rel=1e-6)
 
 
+def test_chunk_chooser_keeps_the_fastest_chunk():
+    """--task-chunk auto: candidates T, then powers of two below it; the fastest is kept for
+    every later call, smaller chunks stop being tried once one is 1.5x the fastest, and the
+    meta-gradient returned is the batch's."""
+    import time
+
+    from metarl.algorithms import ChunkChooser
+
+    assert ChunkChooser.candidates(32) == [32, 16, 8, 4, 2, 1]
+    assert ChunkChooser.candidates(25) == [25, 16, 8, 4, 2, 1]
+    assert ChunkChooser.candidates(1) == [1]
+    _, theta, batch = small_problem(n_tasks=7)
+    inner = InnerConfig(steps=2, lr=0.02)
+
+    class Timed(ChunkChooser):
+        """Chunk c takes delay[c] seconds more (the warm-up on one task none)."""
+
+        def __init__(self, delay):
+            super().__init__()
+            self.delay, self.calls = delay, []
+
+        def run(self, algo, theta, batch, inner, imaml_cfg, chunk):
+            self.calls.append((batch.n_tasks, chunk))
+            if batch.n_tasks > 1:
+                time.sleep(self.delay[chunk])
+            return super().run(algo, theta, batch, inner, imaml_cfg, chunk)
+
+    chooser = Timed({7: 0.25, 4: 0.2, 2: 0.1, 1: 0.2})  # two tasks a chunk is the fastest
+    mg = chooser.meta_grad("maml", theta, batch, inner)
+    assert chooser.chunk == 2 and set(chooser.seconds) == {7, 4, 2, 1}
+    assert chooser.calls[0] == (1, 1)  # the untimed warm-up on one task
+    assert exact.rel_error(mg.grad, meta_grad("maml", theta, batch, inner).grad) <= 1e-12
+    chooser.calls.clear()
+    chooser.meta_grad("maml", theta, batch, inner)
+    assert chooser.calls == [(7, 2)]  # chosen once, then kept
+    early = Timed({7: 0.1, 4: 0.3, 2: 0.0, 1: 0.0})  # 4 takes 3x 7: 2 and 1 are not tried
+    early.meta_grad("maml", theta, batch, inner)
+    assert early.chunk == 7 and set(early.seconds) == {7, 4}
+
+
 def test_bad_loss_shape_is_a_clear_error():
     _, theta, batch = small_problem()
 
