@@ -21,7 +21,7 @@ from metarl import checkpoint, distributed, threads
 from metarl import params as P
 from metarl.checkpoint import Run
 from metarl.families import Family
-from metarl.inner import InnerConfig, adapt, model_params
+from metarl.inner import InnerConfig, adapt, has_learned_lr, model_params
 from metarl.rl.family import RLFamily
 from metarl.train import train
 from metarl.types import (
@@ -347,7 +347,7 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
     result = Evaluation(family=family.name, algo=cfg.algo, metric=family.metric,
                         curve=scores.curve(cfg.algo),
                         settings={"n_tasks": n, "steps": k,
-                                  "lr": "learned" if cfg.inner.learn_lr else list(rates),
+                                  "lr": "learned" if has_learned_lr(run.theta) else list(rates),
                                   "seed": seed,
                                   "proximal_lam": prox_lam, "inner_optimizer": cfg.inner.optimizer,
                                   "family_options": family.options(),
@@ -369,12 +369,13 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
 
 def eval_rates(run: Run, lr: Sequence[float] | None) -> tuple[float, ...]:
     """The test-time inner rates: ``lr``, else the family's test-time ones, else the run's
-    training rates (a run with learned rates adapts with them; these are then unused).
+    training rates (parameters with learned rates adapt with them; these are then unused;
+    a policy adapted from them, ``metarl adapt``'s output, holds none and takes these).
 
     Raises:
         ConfigError: ``lr`` given for a run that learned its inner rates.
     """
-    if lr and run.config.inner.learn_lr:
+    if lr and has_learned_lr(run.theta):
         raise ConfigError("this run learned its inner rates (--inner-learn-lr) and adapts with "
                           "them: drop --lr")
     inner_lr = run.config.inner.lr

@@ -94,6 +94,11 @@ def split_lr(params: Params) -> tuple[Params, Params]:
     return model, {k: v for k, v in params.items() if k.startswith(LR_KEY)}
 
 
+def has_learned_lr(params: Params) -> bool:
+    """Whether ``params`` hold learned inner rates (``LR_KEY``)."""
+    return any(k.startswith(LR_KEY) for k in params)
+
+
 def model_params(params: Params) -> Params:
     """``params`` without learned inner rates: what a model's forward takes."""
     return split_lr(params)[0]

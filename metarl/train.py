@@ -22,7 +22,7 @@ from metarl import params as P
 from metarl.algorithms import ChunkChooser, MetaGrad, meta_grad
 from metarl.config import TrainConfig
 from metarl.families import Family, SupportsTRPO
-from metarl.inner import LR_KEY, with_learned_lr
+from metarl.inner import has_learned_lr, with_learned_lr
 from metarl.outer import GradientOuter, OuterOptimizer
 from metarl.rl.diagnostics import rl_diagnostics
 from metarl.rl.family import RLFamily
@@ -174,7 +174,7 @@ def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = Fals
         raise ConfigError(f"--resume: run folder {str(out)!r} has no checkpoint to continue")
     if resume:
         run = checkpoint.load(out)
-        learned = any(k.startswith(LR_KEY) for k in run.theta)
+        learned = has_learned_lr(run.theta)
         if run.config.family != cfg.family or not families.fits(family, run.theta) \
                 or learned != cfg.inner.learn_lr:
             raise ConfigError(f"--resume: the checkpoint in {str(out)!r} is a "
