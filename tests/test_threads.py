@@ -99,6 +99,8 @@ def test_a_real_busy_process_is_others_and_a_worker_child_is_not():
         return gov.others
 
     base = others(0.5)
+    if base > 1.2:  # both CPUs already busy: a spinning process cannot add a measurable one
+        pytest.skip(f"the machine is busy ({base:.1f} of 2 CPUs used by other processes)")
     stranger = subprocess.Popen([sys.executable, "-c", SPIN.format(s=3)])
     try:
         time.sleep(0.3)  # started
