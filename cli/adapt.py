@@ -52,7 +52,7 @@ def adapt(
             raise UserError(f"metarl adapt is for RL families; {family.name!r} is supervised: use "
                             "metarl evaluate")
         spec = parse_task_json(family, task)
-        rates = eval_rates(run_, lr)
+        rates = eval_rates(run_, family, lr)
         dev, dtype = resolve_device(device.value), resolve_dtype(run_.config.dtype)
         phi, returns = adapt_to_task(family, run_.theta, spec, steps=steps, lr=rates,
                                      rollouts=rollouts, seed=seed, device=dev, dtype=dtype,

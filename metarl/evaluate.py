@@ -333,7 +333,7 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
     cfg = run.config
     n = n_tasks if n_tasks is not None else d.tasks
     k = steps if steps is not None else max(d.steps, cfg.inner.steps)
-    rates = eval_rates(run, lr)
+    rates = eval_rates(run, family, lr)
     dev, dtype = resolve_device(device), resolve_dtype(cfg.dtype)
     group = distributed.init(dev)  # the group of one unless launched with several ranks
     dev = distributed.local_device(dev)
@@ -367,8 +367,9 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
     return result
 
 
-def eval_rates(run: Run, lr: Sequence[float] | None) -> tuple[float, ...]:
-    """The test-time inner rates: ``lr``, else the family's test-time ones, else the run's
+def eval_rates(run: Run, family: Family, lr: Sequence[float] | None) -> tuple[float, ...]:
+    """The test-time inner rates: ``lr``, else ``family``'s test-time ones (the run's
+    family, already built by the caller), else the run's
     training rates (parameters with learned rates adapt with them; these are then unused;
     a policy adapted from them, ``metarl adapt``'s output, holds none and takes these).
 
@@ -379,7 +380,7 @@ def eval_rates(run: Run, lr: Sequence[float] | None) -> tuple[float, ...]:
         raise ConfigError("this run learned its inner rates (--inner-learn-lr) and adapts with "
                           "them: drop --lr")
     inner_lr = run.config.inner.lr
-    return tuple(lr) if lr else (run.family().defaults.eval.lr or (
+    return tuple(lr) if lr else (family.defaults.eval.lr or (
         inner_lr if isinstance(inner_lr, tuple) else (inner_lr,)))
 
 

@@ -226,15 +226,18 @@ def adapt(
     return out
 
 
+def step_rates(rates: Params, j: int) -> tuple[int, dict[str, Tensor]]:
+    """The learned rates of inner step ``j`` from log-rates ``rates`` (``inner_lr.{name}``
+    ``[T, k]``): ``(i, {name: alpha [T]})``, i the rate index (steps past k take the last)."""
+    k = next(iter(rates.values())).shape[1]
+    i = min(j, k - 1)
+    return i, {key[len(LR_KEY):]: v[:, i].exp() for key, v in rates.items()}
+
+
 def _learned_step(phi: Params, g: Params, rates: Params, j: int) -> Params:
-    """``phi - exp(log_alpha_j) * g`` per tensor and task with the learned log-rates
-    ``rates`` ``[T, k]``; steps past k take the last rate."""
-    out = {}
-    for k, v in phi.items():
-        log_alpha = rates[LR_KEY + k]  # [T, k]
-        a = log_alpha[:, min(j, log_alpha.shape[1] - 1)].exp()  # [T]
-        out[k] = v - P.per_task(a, g[k]) * g[k]
-    return out
+    """``phi - alpha_j * g`` per tensor and task with the learned rates (:func:`step_rates`)."""
+    _, a = step_rates(rates, j)
+    return {k: v - P.per_task(a[k], g[k]) * g[k] for k, v in phi.items()}
 
 
 def _adam_step(phi: Params, g: Params, state: InnerState, cfg: InnerConfig,

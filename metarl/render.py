@@ -295,7 +295,7 @@ def render_adaptation(run: checkpoint.Run, task: Mapping[str, Any], out: str | P
         spec = family.check_task(dict(task) if isinstance(task, Mapping) else task)
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"bad task for family {family.name!r}: {e}") from None
-    rates = eval_rates(run, lr)
+    rates = eval_rates(run, family, lr)
     phis, returns = adapted_policies(family, run.theta, spec, steps=steps, lr=rates,
                                      rollouts=rollouts, seed=seed, rule=run.config.inner)
     labels = ["before adaptation"] + [f"after step {j}" for j in range(1, steps + 1)]

@@ -12,15 +12,14 @@ last. A step whose KL grows over the checkpoints while its return falls overshoo
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import torch  # noqa: E402
+from checkpoint_study import parser, study  # noqa: E402
 
 from metarl import checkpoint  # noqa: E402
 from metarl import params as P  # noqa: E402
@@ -31,7 +30,7 @@ from metarl.inner import adapt, model_params  # noqa: E402
 def measure(path: str, tasks: int, steps: int, seed: int, rollouts: int) -> dict[str, object]:
     run = checkpoint.load(path).with_family_options({"rollouts": rollouts})
     family = run.family()
-    rates = eval_rates(run, None)
+    rates = eval_rates(run, family, None)
     batch = family.sample_batch(tasks, torch.Generator().manual_seed(seed), split="test")
     phi = P.expand(run.theta, tasks)
     state = None
@@ -54,26 +53,18 @@ def measure(path: str, tasks: int, steps: int, seed: int, rollouts: int) -> dict
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoints", nargs="+")
-    ap.add_argument("--tasks", type=int, default=40)
+    ap = parser(__doc__, tasks=40, seed=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rollouts", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    rows = []
-    for path in args.checkpoints:
-        r = measure(path, args.tasks, args.steps, args.seed, args.rollouts)
-        rows.append(r)
+
+    def line(r: dict) -> str:
         kl = " ".join(f"{x:.3f}" for x in r["step_kl"])
         nm = " ".join(f"{x:.3f}" for x in r["step_norm"])
         ret = " ".join(f"{x:.1f}" for x in r["return"])
-        print(f"it {r['iteration']:4d}  step KL {kl}  step norm {nm}  return {ret}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        return f"it {r['iteration']:4d}  step KL {kl}  step norm {nm}  return {ret}"
+
+    study(args, lambda p: [measure(p, args.tasks, args.steps, args.seed, args.rollouts)], line)
 
 
 if __name__ == "__main__":

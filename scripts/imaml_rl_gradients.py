@@ -15,16 +15,15 @@ of the proximal objective's gradient at phi_k relative to that of the first step
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import torch  # noqa: E402
+from checkpoint_study import parser, study  # noqa: E402
 
 from metarl import checkpoint  # noqa: E402
 from metarl import params as P  # noqa: E402
@@ -59,17 +58,17 @@ def measure(path: str, lam: float, tasks: int, seed: int) -> dict[str, object]:
         diff = P.sub(phi, th_T)
         loss = batch.inner_loss(phi, d) + 0.5 * lam * P.task_dot(diff, diff)
         g = P.grads(loss.sum(), phi, create_graph=True)
-        prox_grads.append(float(P.dot(g, g).sqrt()))
+        prox_grads.append(float(P.dot(g, g).sqrt().detach()))
         phi = P.add(phi, g, -inner.lr_at(j))
     assert mg.phi is not None
     taken = float(P.dot(P.sub(P.detach(phi), mg.phi), P.sub(P.detach(phi), mg.phi)).sqrt())
     outer = batch.outer_loss(phi, batch.outer).mean()
     exact_g = P.grads(outer, th)
     phi_k = P.detach(mg.phi, requires_grad=True)
-    first_order = P.task_mean(P.grads(batch.outer_loss(phi_k, batch.outer).sum(), phi_k))
+    v = P.grads(batch.outer_loss(phi_k, batch.outer).sum(), phi_k)  # grad L_out(phi_k) per task
+    first_order = P.task_mean(v)
     # CG's residual: ((1 + d) I + H/lam) g_t - v_t, relative to v_t, on the last step's data
     _, H = P.grad_and_hvp(lambda p: batch.inner_loss(p, batch.inner[-1]), mg.phi)
-    v = P.grads(batch.outer_loss(phi_k, batch.outer).sum(), phi_k)
     g_T = mg.task_grads
     Ag = P.add(P.scale(g_T, 1.0 + icfg.cg_damping), H(g_T), 1.0 / lam)
     res = P.sub(Ag, v)
@@ -92,29 +91,20 @@ def measure(path: str, lam: float, tasks: int, seed: int) -> dict[str, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoints", nargs="+")
+    ap = parser(__doc__, tasks=20, seed=0)
     ap.add_argument("--lam", type=float, nargs="+", default=[1.0, 10.0])
-    ap.add_argument("--tasks", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    rows = []
-    for path in args.checkpoints:
-        for lam in args.lam:
-            r = measure(path, lam, args.tasks, args.seed)
-            rows.append(r)
-            print(f"it {r['iteration']:4d} lam {lam:g}: cos(iMAML, exact) "
-                  f"{r['cos_imaml_exact']:.3f} (norm x{r['norm_imaml_over_exact']:.2f}), "
-                  f"cos(first order, exact) {r['cos_first_order_exact']:.3f}, CG residual "
-                  f"{r['cg_relative_residual']:.2f}, indefinite {r['cg_indefinite']:.2f}, "
-                  f"prox gradient {r['prox_gradient_first_step']:.3g} -> "
-                  f"{r['prox_gradient_at_phi_k']:.3g}, replay error "
-                  f"{r['replayed_phi_error']:.1e}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+    def line(r: dict) -> str:
+        return (f"it {r['iteration']:4d} lam {r['lam']:g}: cos(iMAML, exact) "
+                f"{r['cos_imaml_exact']:.3f} (norm x{r['norm_imaml_over_exact']:.2f}), "
+                f"cos(first order, exact) {r['cos_first_order_exact']:.3f}, CG residual "
+                f"{r['cg_relative_residual']:.2f}, indefinite {r['cg_indefinite']:.2f}, "
+                f"prox gradient {r['prox_gradient_first_step']:.3g} -> "
+                f"{r['prox_gradient_at_phi_k']:.3g}, replay error "
+                f"{r['replayed_phi_error']:.1e}")
+
+    study(args, lambda p: [measure(p, lam, args.tasks, args.seed) for lam in args.lam], line)
 
 
 if __name__ == "__main__":

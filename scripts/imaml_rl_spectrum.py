@@ -14,15 +14,14 @@ A task's system is indefinite for every ``lam < -lambda_min``; the Lanczos estim
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 import torch  # noqa: E402
+from checkpoint_study import parser, study  # noqa: E402
 
 from metarl import checkpoint  # noqa: E402
 from metarl import params as P  # noqa: E402
@@ -56,26 +55,18 @@ def spectrum(path: str, tasks: int, iters: int, seed: int) -> dict[str, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoints", nargs="+")
-    ap.add_argument("--tasks", type=int, default=20)
+    ap = parser(__doc__, tasks=20, seed=0)
     ap.add_argument("--lanczos", type=int, default=30, help="Lanczos steps (HVPs) per task")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    rows = []
-    for path in args.checkpoints:
-        r = spectrum(path, args.tasks, args.lanczos, args.seed)
-        rows.append(r)
+
+    def line(r: dict) -> str:
         fr = " ".join(f"lam {k}: {v:.2f}" for k, v in r["indefinite_fraction"].items())
         lo = ", ".join(f"{x:.3g}" for x in r["lambda_min_quantiles_10_50_90"])
         hi = ", ".join(f"{x:.3g}" for x in r["lambda_max_quantiles_10_50_90"])
-        print(f"it {r['iteration']:4d} std {r['policy_std']:.3f}  lambda_min q10/50/90 [{lo}]  "
-              f"lambda_max [{hi}]  indefinite {fr}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        return (f"it {r['iteration']:4d} std {r['policy_std']:.3f}  lambda_min q10/50/90 "
+                f"[{lo}]  lambda_max [{hi}]  indefinite {fr}")
+
+    study(args, lambda p: [spectrum(p, args.tasks, args.lanczos, args.seed)], line)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,6 @@ class ChunkChooser:
         self.chunk = best[1]
         return best[2]
 
-
     def run(self, algo: str, theta: Params, batch: TaskBatch, inner: InnerConfig,
             imaml_cfg: IMAMLConfig | None, chunk: int) -> MetaGrad:
         """One meta-gradient at ``chunk`` tasks per chunk (what is timed)."""

@@ -43,7 +43,7 @@ from torch import Tensor
 from metarl import params as P
 from metarl.algorithms.base import MetaGrad
 from metarl.distributed import LOCAL, Group
-from metarl.inner import LR_KEY, InnerConfig, adapt, split_lr
+from metarl.inner import LR_KEY, InnerConfig, adapt, split_lr, step_rates
 from metarl.linalg import cg
 from metarl.outer import Compute
 from metarl.types import ConfigError, Data, Params, RLTaskBatch, TaskBatch, check_finite
@@ -195,7 +195,7 @@ class TRPO:
         T = batch.n_tasks
         model, rates = split_lr(theta)
         if rates and self.through:
-            return self._learned_rate_fvp(theta, batch, inner_data, out, old)
+            return self._learned_rate_fvp(theta, model, rates, batch, inner_data, out, old)
         inner_hvps: list[tuple[float, Callable[[Params], Params]]] = []
         if self.through:
             phi = P.expand(P.detach(model), T)
@@ -222,8 +222,9 @@ class TRPO:
 
         return F
 
-    def _learned_rate_fvp(self, theta: Params, batch: RLTaskBatch, inner_data: list[Data],
-                          out: Data, old: Params) -> Callable[[Tensor], Tensor]:
+    def _learned_rate_fvp(self, theta: Params, model: Params, rates: Params,
+                          batch: RLTaskBatch, inner_data: list[Data], out: Data,
+                          old: Params) -> Callable[[Tensor], Tensor]:
         """:meth:`task_fisher_vector_products` when the inner rates are meta-parameters too
         (``inner_lr.*`` in theta, learned per step j and tensor p: ``a_jp = exp(rho_jp)``).
 
@@ -233,15 +234,12 @@ class TRPO:
         ``w -> (I - H_j A_j) w`` back through the steps, collecting
         ``d rho_jp = -a_jp g_jp . w_p`` on the way; F_t = J^T F_phi J as before."""
         T = batch.n_tasks
-        model, rates = split_lr(theta)
         rates_T = P.expand(P.detach(rates), T)  # [T, k] per tensor
-        n_rates = next(iter(rates_T.values())).shape[1]
         phi = P.expand(P.detach(model), T)
         steps: list[tuple[int, dict[str, Tensor], Params, Callable[[Params], Params]]] = []
         for j, d in enumerate(inner_data):
             g, H = P.grad_and_hvp(_inner_loss_on(batch, d), phi)
-            i = min(j, n_rates - 1)
-            a = {k: rates_T[LR_KEY + k][:, i].exp() for k in phi}  # [T] per tensor
+            i, a = step_rates(rates_T, j)  # a: [T] per tensor
             steps.append((i, a, g, H))
             phi = {k: v - P.per_task(a[k], g[k]) * g[k] for k, v in phi.items()}
         phi_k = P.detach(old, requires_grad=True)
