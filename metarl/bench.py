@@ -271,9 +271,11 @@ def run_trpo_paths(case: Case) -> Row:
     T = case.meta_batch
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     paths: dict[str, Callable[[], tuple[float, float, float]]] = {}
+    units: dict[str, str] = {}
     for path, f in (("fast", share), ("exact", 1.0)):
         cfg = C.resolve(fam, {"algo": "maml", "meta_batch": T, "device": case.device,
                               "family_options": fam.options(), "trpo": {"fisher_subsample": f}})
+        units[path] = cfg.trpo.fisher_unit
         g = torch.Generator().manual_seed(0)
         theta = P.clone_leaf(fam.init_params(g, dev, torch.float32))
         paths[path] = _trpo_iteration(fam, cfg, theta, fam.make_outer(cfg, theta), g, dev, sync)
@@ -286,7 +288,8 @@ def run_trpo_paths(case: Case) -> Row:
             times[path].append(run())
     med = {p: [statistics.median(x[i] for x in ts) for i in range(3)] for p, ts in times.items()}
     row: Row = {"algo": case.algo, "impl": case.impl, "family": name, "T": T,
-                "E": fam.rl.rollouts, "H": fam.rl.horizon, "fisher_subsample": share}
+                "E": fam.rl.rollouts, "H": fam.rl.horizon, "fisher_subsample": share,
+                "fisher_unit": units["fast"]}
     for path, prefix in (("fast", ""), ("exact", "ref_")):
         total, sample_s, pg = med[path]
         update = statistics.median(t - s for t, s, _ in times[path])

@@ -28,6 +28,9 @@ from metarl.rl.sampler import BatchEnv, Rollouts, sample
 from metarl.types import ConfigError, Params
 
 ESTIMATORS = ("reinforce", "lvc", "dice")
+SUBSAMPLE_BY = ("steps", "trajectories")
+"""Units of :meth:`RLBatch.subsample`: every s-th step of every trajectory, or whole
+trajectories."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +81,19 @@ class Trajectories:
 def masked_task_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of ``x [T, E, H]`` over each task's valid steps: ``[T]``."""
     return (x * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1.0)
+
+
+def _map_fields(obj: Any, lead: tuple[int, ...], f: Callable[[Tensor], Tensor]) -> Any:
+    """``obj`` (a dataclass, nested ones included) with ``f`` applied to every tensor field
+    whose leading dimensions are ``lead``."""
+    changed: dict[str, Any] = {}
+    for fld in dataclasses.fields(obj):
+        v = getattr(obj, fld.name)
+        if dataclasses.is_dataclass(v):
+            changed[fld.name] = _map_fields(v, lead, f)
+        elif isinstance(v, Tensor) and tuple(v.shape[:len(lead)]) == lead:
+            changed[fld.name] = f(v)
+    return dataclasses.replace(obj, **changed)
 
 
 def magic_box(x: Tensor) -> Tensor:
@@ -188,36 +204,54 @@ class RLBatch:
 
         return score
 
-    def subsample(self, data: Trajectories, share: float) -> Trajectories:
-        """The first ``n = max(1, ceil(share * E))`` trajectories of every task: every
-        ``[T, E, ...]`` field sliced to ``[T, n, ...]``, advantages kept as computed
-        (baseline and normalisation) on the full batch. Episodes of a task are
-        exchangeable draws, so a loss, its Hessian or the KL on the slice is an
-        estimate of the full batch's from n of its E trajectories.
+    def subsample(self, data: Trajectories, share: float, by: str = "steps") -> Trajectories:
+        """A share of the batch on which a loss, its Hessian or the KL estimates the full
+        batch's (TRPO's Fisher-vector products), advantages kept as computed (baseline
+        and normalisation) on the full batch.
+
+        ``by="trajectories"``: the first ``n = max(1, ceil(share * E))`` trajectories of
+        every task, every ``[T, E, ...]`` field sliced to ``[T, n, ...]`` (episodes of a
+        task are exchangeable draws). ``by="steps"``: every trajectory, each on every
+        s-th of its steps, ``s = floor(1 / share)``, trajectory e from step ``e mod s``
+        on (staggered, so the kept steps cover every phase of an episode and no
+        periodic gait aliases with the stride); ``[T, E, H, ...]`` fields become ``[T,
+        E, ceil(H / s), ...]`` and the mask is 0 on the padding past H. A step-wise
+        mean (the REINFORCE and LVC losses, the KL) then sums the same number of terms
+        as the first ``share * E`` trajectories, but drawn from all E episodes rather
+        than 10% of them, which is the variance that matters when steps within an
+        episode are strongly correlated. DiCE's loss couples the steps of an
+        episode (a cumulative sum over time) and takes ``by="trajectories"`` only.
 
         Raises:
-            ValueError: ``share`` outside ``(0, 1]``.
+            ValueError: ``share`` outside ``(0, 1]``, an unknown ``by``, or ``by="steps"``
+                with the DiCE estimator.
         """
         if not 0 < share <= 1:
             raise ValueError(f"share of trajectories must be in (0, 1], got {share}")
-        E = data.rollouts.n_episodes
-        n = max(1, math.ceil(share * E - 1e-9))  # 1e-9: 0.1 * 20 is 2, not 3
-        if n == E:
+        if by not in SUBSAMPLE_BY:
+            raise ValueError(f"unknown subsample unit {by!r}: use one of {', '.join(SUBSAMPLE_BY)}")
+        r = data.rollouts
+        T, E, H = r.n_tasks, r.n_episodes, r.horizon
+        if by == "trajectories":
+            n = max(1, math.ceil(share * E - 1e-9))  # 1e-9: 0.1 * 20 is 2, not 3
+            if n == E:
+                return data
+            return _map_fields(data, (T, E), lambda v: v[:, :n])
+        if self.cfg.estimator == "dice":
+            raise ValueError("DiCE's inner loss couples the steps of an episode: subsample it "
+                             "by trajectories, not steps")
+        s = max(1, math.floor(1 / share + 1e-9))  # 1e-9: 1 / 0.1 is 10, not 9
+        if s == 1:
             return data
-
-        T = data.rollouts.n_tasks
-
-        def head(obj: Any) -> Any:  # slice every [T, E, ...] tensor of a (nested) dataclass
-            sliced: dict[str, Any] = {}
-            for f in dataclasses.fields(obj):
-                v = getattr(obj, f.name)
-                if dataclasses.is_dataclass(v):
-                    sliced[f.name] = head(v)
-                elif isinstance(v, Tensor) and tuple(v.shape[:2]) == (T, E):
-                    sliced[f.name] = v[:, :n]
-            return dataclasses.replace(obj, **sliced)
-
-        return head(data)
+        dev = r.rewards.device
+        hs = torch.arange(E, device=dev)[:, None] % s + s * torch.arange(
+            math.ceil(H / s), device=dev)  # [E, m]: step e mod s + s j of trajectory e
+        valid = hs < H
+        es = torch.arange(E, device=dev)[:, None]
+        hs = hs.clamp_max(H - 1)
+        out = _map_fields(data, (T, E, H), lambda v: v[:, es, hs])
+        roll = dataclasses.replace(out.rollouts, mask=out.rollouts.mask * valid)
+        return dataclasses.replace(out, rollouts=roll)
 
     def kl(self, old: Params, new: Params, data: Trajectories) -> Tensor:
         """Mean KL(pi_old || pi_new) over each task's valid steps: ``[T]``."""

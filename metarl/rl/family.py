@@ -290,6 +290,11 @@ class RLFamily(FamilyBase):
     def make_outer(self, cfg: TrainConfig, theta: Params, *, group: Group = LOCAL) -> TRPO:
         """TRPO for ``metarl train --outer trpo``, with the run's ``cfg.trpo`` settings, its
         reductions over the ranks of ``group``."""
+        t = cfg.trpo
+        if t.fisher_subsample < 1 and t.fisher_unit == "steps" and self.rl.estimator == "dice":
+            raise ConfigError("--trpo-fisher-subsample takes a share of the steps by default, "
+                              "and DiCE's inner loss couples the steps of an episode: add "
+                              "--trpo-fisher-unit trajectories")
         readapt = make_readapt(cfg.algo, cfg.inner, cfg.imaml.lam)
         return TRPO(cfg.trpo, readapt, through_adaptation=cfg.algo == "maml", inner=cfg.inner,
                     group=group)

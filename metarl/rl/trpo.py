@@ -18,12 +18,17 @@ trajectories:
 Cost. Each Fisher-vector product through one inner step is three double-backward
 passes (J v, F_phi J v, J^T F_phi J v) over the whole batch, and CG takes ``cg_iters``
 of them plus one for s^T F s: with the defaults that was 77% of an update. With
-``fisher_subsample < 1`` the products are taken on the first ``ceil(share * E)``
-trajectories of every task (inner and post-adaptation ones alike), as OpenAI's TRPO
-takes its Fisher on a subsample of the batch: F is then the exact Hessian of the mean
-KL through the adaptation on those trajectories (a noisier metric, not a different
-one), while g, the improvement and the KL bound of the line search stay on every
-trajectory, so each accepted step still satisfies the bound on the full batch.
+``fisher_subsample < 1`` the products are taken on a share of the batch (inner and
+post-adaptation trajectories alike), as OpenAI's TRPO takes its Fisher on a subsample:
+by default every s-th step of every trajectory (``fisher_unit = "steps"``, s = 1 /
+share, staggered across trajectories), or the first ``ceil(share * E)`` trajectories of
+every task (``"trajectories"``). F is then the exact Hessian of the mean KL through the
+adaptation on that subsample (a noisier metric, not a different one), while g, the
+improvement and the KL bound of the line search stay on every trajectory, so each
+accepted step still satisfies the bound on the full batch. Steps within an episode are
+strongly correlated, so the same number of steps spread over all E episodes estimates
+F much better than a few whole episodes do (navigation's two-step return learns
+measurably better with it: README, "TRPO's cost and the fast Fisher option").
 The line search scores a candidate with one policy forward (the old policy's
 distribution is computed once per step); those numbers equal the separate
 ``outer_loss`` and ``kl`` calls bit for bit, so ``fisher_subsample = 1`` is the
@@ -35,7 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -72,11 +77,15 @@ class TRPOConfig:
     ls_backtrack: float = 0.8
     """Step shrink factor per backtracking step."""
     fisher_subsample: float = FISHER_SUBSAMPLE
-    """Share of each task's trajectories (the first ceil(share * E), inner and
-    post-adaptation alike) on which conjugate gradient takes its Fisher-vector
-    products, as OpenAI's TRPO does; the meta-gradient and the line search's
-    improvement and KL bound always use every trajectory. 1.0: the full batch, the
-    exact path of the published-number tables."""
+    """Share of the batch (of every trajectory's steps, or of the trajectories: see
+    fisher_unit; inner and post-adaptation alike) on which conjugate gradient takes its
+    Fisher-vector products, as OpenAI's TRPO does; the meta-gradient and the line
+    search's improvement and KL bound always use every trajectory. 1.0: the full batch,
+    the exact path of the published-number tables."""
+    fisher_unit: Literal["steps", "trajectories"] = "steps"
+    """What fisher_subsample takes a share of: steps (every s-th step of every
+    trajectory, s = floor(1 / share), staggered across trajectories) or trajectories
+    (the first ceil(share * E) of each task; the only one for the DiCE estimator)."""
 
     def __post_init__(self) -> None:
         if self.max_kl <= 0 or self.cg_iters < 1 or self.damping < 0 or self.ls_steps < 1:
@@ -88,8 +97,10 @@ class TRPOConfig:
         if not 0 < self.fisher_subsample <= 1:
             raise ConfigError(f"TRPO fisher_subsample must be in (0, 1], got "
                               f"{self.fisher_subsample}: "
-                              "it is the share of each task's trajectories the Fisher uses "
-                              "(1.0: all of them)")
+                              "it is the share of the batch the Fisher uses (1.0: all of it)")
+        if self.fisher_unit not in ("steps", "trajectories"):
+            raise ConfigError(f"TRPO fisher_unit must be steps or trajectories, got "
+                              f"{self.fisher_unit!r}")
 
 
 Score = Callable[[Params], tuple[Tensor, Tensor]]
@@ -101,8 +112,8 @@ class SupportsTrajectorySubsample(Protocol):
     """An RL task batch that can restrict its data to a share of each task's trajectories
     and score line-search candidates with one policy forward (:class:`~metarl.rl.batch.RLBatch`)."""
 
-    def subsample(self, data: Data, share: float) -> Data:
-        """The first ``ceil(share * E)`` trajectories of every task (at least one)."""
+    def subsample(self, data: Data, share: float, by: str = "steps") -> Data:
+        """A share of every task's steps or trajectories (at least one)."""
         ...
 
     def line_search_score(self, old: Params, data: Data) -> Score:
@@ -160,8 +171,12 @@ class TRPO:
             raise ConfigError(f"TRPO fisher_subsample={share} needs a task batch that subsamples "
                               f"its trajectories; {type(batch).__name__} has no subsample(data, "
                               "share): set fisher_subsample to 1.0")
-        return ([batch.subsample(d, share) for d in mg.inner_data],
-                batch.subsample(mg.outer_data, share))
+        by = self.cfg.fisher_unit
+        try:
+            return ([batch.subsample(d, share, by) for d in mg.inner_data],
+                    batch.subsample(mg.outer_data, share, by))
+        except ValueError as e:
+            raise ConfigError(f"TRPO fisher_unit={by}: {e}") from None
 
     def fisher_vector_product(self, theta: Params, batch: RLTaskBatch,
                               mg: MetaGrad) -> Callable[[Tensor], Tensor]:

@@ -1,5 +1,6 @@
-"""TRPO's fast path: the Fisher on a subsample of the trajectories, the line search's
-one-forward scoring, s^T F s read off CG, and the exact path it must leave unchanged."""
+"""TRPO's fast path: the Fisher on a subsample of the steps or trajectories, the line
+search's one-forward scoring, s^T F s read off CG, and the exact path it must leave
+unchanged."""
 
 import math
 
@@ -34,12 +35,30 @@ def setup(share, *, k=1, hidden=(8, 8), rollouts=4, horizon=10, T=3, dtype=F64, 
 
 def head(d: Trajectories, n: int) -> Trajectories:
     """The first n episodes of every task, sliced by hand (independent of RLBatch.subsample)."""
+    return pick(d, lambda v: v[:, :n])
+
+
+def strided(d: Trajectories, s: int) -> Trajectories:
+    """Every s-th step of every episode, episode e from step e mod s, built by hand with a
+    loop (independent of RLBatch.subsample): padding past H is a masked-out copy of step
+    H - 1."""
+    E, H = d.rollouts.n_episodes, d.rollouts.horizon
+    m = -(-H // s)
+    cols = [[min(e % s + s * j, H - 1) for j in range(m)] for e in range(E)]
+    out = pick(d, lambda v: torch.stack([v[:, e, cols[e]] for e in range(E)], 1))
+    valid = torch.tensor([[float(e % s + s * j < H) for j in range(m)] for e in range(E)],
+                         dtype=d.rollouts.mask.dtype)
+    r = out.rollouts
+    roll = Rollouts(obs=r.obs, actions=r.actions, rewards=r.rewards, mask=r.mask * valid,
+                    log_probs=r.log_probs, flags=r.flags)
+    return Trajectories(roll, out.advantages, out.discounted_rewards, out.values)
+
+
+def pick(d: Trajectories, f) -> Trajectories:
     r = d.rollouts
-    roll = Rollouts(obs=r.obs[:, :n], actions=r.actions[:, :n], rewards=r.rewards[:, :n],
-                    mask=r.mask[:, :n], log_probs=r.log_probs[:, :n],
-                    **{f: getattr(r, f) for f in r.__dataclass_fields__
-                       if f not in ("obs", "actions", "rewards", "mask", "log_probs")})
-    return Trajectories(roll, d.advantages[:, :n], d.discounted_rewards[:, :n], d.values[:, :n])
+    roll = Rollouts(obs=f(r.obs), actions=f(r.actions), rewards=f(r.rewards), mask=f(r.mask),
+                    log_probs=f(r.log_probs), flags=r.flags)
+    return Trajectories(roll, f(d.advantages), f(d.discounted_rewards), f(d.values))
 
 
 def test_fisher_subsample_is_checked():
@@ -47,22 +66,53 @@ def test_fisher_subsample_is_checked():
         with pytest.raises(ConfigError, match="fisher_subsample must be in \\(0, 1\\]"):
             TRPOConfig(fisher_subsample=bad)
     assert TRPOConfig().fisher_subsample == 1.0  # the exact path stays the default
+    with pytest.raises(ConfigError, match="fisher_unit must be steps or trajectories"):
+        TRPOConfig(fisher_unit="episodes")  # type: ignore[arg-type]
 
 
-def test_subsample_keeps_the_first_trajectories_of_every_task():
+def test_subsample_by_trajectories_keeps_the_first_trajectories_of_every_task():
     _, _, theta, _, batch = setup(0.5, rollouts=5)
     d = batch.sample(P.expand(theta, batch.n_tasks))
-    s = batch.subsample(d, 0.5)  # ceil(2.5) = 3 of 5
+    s = batch.subsample(d, 0.5, "trajectories")  # ceil(2.5) = 3 of 5
     for a, b in ((s.rollouts.obs, d.rollouts.obs), (s.rollouts.actions, d.rollouts.actions),
                  (s.rollouts.mask, d.rollouts.mask), (s.rollouts.log_probs, d.rollouts.log_probs),
                  (s.advantages, d.advantages), (s.values, d.values),
                  (s.discounted_rewards, d.discounted_rewards)):
         assert a.shape[:2] == (3, 3) and torch.equal(a, b[:, :3])
-    assert batch.subsample(d, 1.0) is d
-    assert batch.subsample(d, 0.01).rollouts.n_episodes == 1  # at least one trajectory
-    assert batch.subsample(batch.sample(P.expand(theta, 3)), 0.4).rollouts.n_episodes == 2
+    assert batch.subsample(d, 1.0, "trajectories") is d
+    assert batch.subsample(d, 0.01, "trajectories").rollouts.n_episodes == 1  # at least one
+    assert batch.subsample(batch.sample(P.expand(theta, 3)), 0.4,
+                           "trajectories").rollouts.n_episodes == 2
     with pytest.raises(ValueError, match="share of trajectories must be in"):
         batch.subsample(d, 0.0)
+    with pytest.raises(ValueError, match="unknown subsample unit 'episodes'"):
+        batch.subsample(d, 0.5, "episodes")
+
+
+@pytest.mark.parametrize("share,s", [(0.34, 2), (0.25, 4), (0.1, 10)])
+def test_subsample_by_steps_keeps_every_sth_step_staggered_across_trajectories(share, s):
+    """H = 10: s = floor(1 / share) divides H or not (padding past H masked out); every
+    trajectory stays, trajectory e from step e mod s, so all s phases are covered."""
+    _, _, theta, _, batch = setup(share, rollouts=5)
+    d = batch.sample(P.expand(theta, batch.n_tasks))
+    sub, ref = batch.subsample(d, share), strided(d, s)
+    assert sub.rollouts.obs.shape == (3, 5, -(-10 // s), 2)
+    for f in ("obs", "actions", "mask", "log_probs", "rewards"):
+        assert torch.equal(getattr(sub.rollouts, f), getattr(ref.rollouts, f)), f
+    for f in ("advantages", "values", "discounted_rewards"):
+        assert torch.equal(getattr(sub, f), getattr(ref, f)), f
+    # each kept step once: the masks of the s phases of trajectory e tile its H steps
+    kept = sub.rollouts.mask.sum((1, 2))
+    assert torch.equal(kept, ref.rollouts.mask.sum((1, 2)))
+    assert float(kept.min()) >= 5 * (10 // s) * float(d.rollouts.mask.min())
+    assert batch.subsample(d, 1.0) is d and batch.subsample(d, 0.6) is d  # s = 1
+    dice = families.make("navigation2d", rollouts=2, hidden=[4], horizon=4, estimator="dice")
+    dbatch = dice.sample_batch(1, torch.Generator().manual_seed(0), dtype=F64)
+    dd = dbatch.sample(P.expand(P.clone_leaf(dice.init_params(
+        torch.Generator().manual_seed(0), torch.device("cpu"), F64)), 1))
+    with pytest.raises(ValueError, match="DiCE's inner loss couples the steps"):
+        dbatch.subsample(dd, 0.5)
+    assert dbatch.subsample(dd, 0.5, "trajectories").rollouts.n_episodes == 1
 
 
 def test_line_search_score_equals_outer_loss_and_kl_bit_for_bit():
@@ -74,19 +124,22 @@ def test_line_search_score_equals_outer_loss_and_kl_bit_for_bit():
     assert torch.equal(kl, batch.kl(mg.phi, new, mg.outer_data))
 
 
+@pytest.mark.parametrize("unit", ["trajectories", "steps"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_subsampled_fisher_is_the_kl_hessian_through_the_adaptation_on_the_subsample(k):
+def test_subsampled_fisher_is_the_kl_hessian_through_the_adaptation_on_the_subsample(k, unit):
     """The chained J^T F J on the subsample equals the Hessian of the mean KL,
     differentiated through the re-adaptation on hand-sliced trajectories, translated to
     pass through the old adapted policy (so the KL's gradient vanishes at theta)."""
-    _, cfg, theta, trpo, batch = setup(0.5, k=k)
+    _, cfg, theta, trpo, batch = setup(0.5, k=k, fisher_unit=unit)
     mg = meta_grad("maml", theta, batch, cfg.inner)
     v = torch.randn(P.n_params(theta), dtype=F64, generator=torch.Generator().manual_seed(1))
     fast = trpo.fisher_vector_product(theta, batch, mg)(v)
     assert float((fast - trpo.direct_fisher_vector_product(theta, batch, mg)(v)).norm()
                  / fast.norm()) < 1e-10
-    # by hand: the first 2 of 4 episodes of every inner step's and the outer trajectories
-    inner, out = [head(d, 2) for d in mg.inner_data], head(mg.outer_data, 2)
+    # by hand: the first 2 of 4 episodes (or every other step) of every inner step's and
+    # the outer trajectories
+    cut = (lambda d: head(d, 2)) if unit == "trajectories" else (lambda d: strided(d, 2))
+    inner, out = [cut(d) for d in mg.inner_data], cut(mg.outer_data)
     th = P.detach(theta, requires_grad=True)
     phi = trpo.readapt(th, batch, inner, True)
     phi = {key: p - p.detach() + mg.phi[key] for key, p in phi.items()}
@@ -166,8 +219,24 @@ def test_bench_compares_the_fast_and_exact_paths():
                                               "rollouts": 2, "horizon": 5})
     row = run_trpo_paths(case)
     assert (row["family"], row["T"], row["E"], row["H"]) == ("navigation2d", 2, 2, 5)
+    assert (row["fisher_subsample"], row["fisher_unit"]) == (0.5, "steps")
     for prefix in ("", "ref_"):
         assert row[f"{prefix}sec_per_iter"] > row[f"{prefix}update_sec"] > 0
         assert row[f"{prefix}pg_equivalents"] == pytest.approx(
             row[f"{prefix}update_sec"] / row[f"{prefix}pg_sec"])
     assert row["speedup"] == pytest.approx(row["ref_sec_per_iter"] / row["sec_per_iter"])
+
+
+def test_dice_with_a_step_subsample_is_refused_before_training():
+    fam = families.make("navigation2d", rollouts=2, hidden=[4], horizon=4, estimator="dice")
+    theta = P.clone_leaf(fam.init_params(torch.Generator().manual_seed(0), torch.device("cpu"),
+                                         F64))
+
+    def cfg(**trpo):
+        return C.resolve(fam, {"iterations": 1, "device": "cpu", "family_options": fam.options(),
+                               "trpo": trpo})
+
+    with pytest.raises(ConfigError, match="add --trpo-fisher-unit trajectories"):
+        fam.make_outer(cfg(fisher_subsample=0.1), theta)
+    fam.make_outer(cfg(fisher_subsample=0.1, fisher_unit="trajectories"), theta)
+    fam.make_outer(cfg(), theta)  # the exact path subsamples nothing
