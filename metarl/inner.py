@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from metarl import params as P
-from metarl.types import ConfigError, Data, Params, TaskBatch, check_task_losses
+from metarl.types import ConfigError, Data, Params, SupportsStepData, TaskBatch, check_task_losses
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,7 +161,8 @@ def adapt(
             When False each step starts from detached parameters and the result
             carries no history (first-order methods, evaluation).
         data: inner data to reuse, one entry per step; ``None`` asks the batch
-            for new data at every step (RL: resampled with the current phi_j).
+            for new data at every step (RL: resampled with the current phi_j; a
+            :class:`~metarl.types.SupportsStepData` batch: step j's minibatch).
         prox: ``(lam, anchor)`` adds ``lam/2 * |phi - anchor|^2`` to the inner
             loss (iMAML's proximal problem). The steps are then monotone: a task
             whose objective would not decrease stays where it is for that step
@@ -201,7 +202,9 @@ def adapt(
     for j in range(cfg.steps):
         if not create_graph:
             phi = P.detach(phi, requires_grad=True)
-        d = data[j] if data is not None else batch.inner_data(phi)
+        d = data[j] if data is not None else (
+            batch.inner_data_at(phi, taken + j) if isinstance(batch, SupportsStepData)
+            else batch.inner_data(phi))
         loss = check_task_losses(batch.inner_loss(phi, d), T, "inner_loss")  # [T]
         out.data.append(d)
         out.losses.append(loss.detach())

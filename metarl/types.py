@@ -71,6 +71,17 @@ class ReportsExtraMetrics(Protocol):
 
 
 @runtime_checkable
+class SupportsStepData(Protocol):
+    """A task batch whose inner data changes from one inner step to the next, such as
+    Reptile's inner minibatches of the support set; the inner loop asks it for step j's
+    data instead of calling :meth:`TaskBatch.inner_data`."""
+
+    def inner_data_at(self, params: Params, step: int) -> Data:
+        """Data of inner step ``step`` (0-based, counted over an adaptation's calls)."""
+        ...
+
+
+@runtime_checkable
 class SupportsSelect(Protocol):
     """A task batch that can be split into task chunks (``--task-chunk``)."""
 

@@ -16,7 +16,13 @@ from metarl.config import Defaults, EvalDefaults, InnerOverride, OuterConfig, Tr
 from metarl.families import FamilyBase
 from metarl.inner import InnerConfig
 from metarl.options import require
-from metarl.tasks.supervised import Examples, SupervisedBatch, accuracy, cross_entropy
+from metarl.tasks.supervised import (
+    Examples,
+    MinibatchPlan,
+    SupervisedBatch,
+    accuracy,
+    cross_entropy,
+)
 from metarl.types import ConfigError, Params
 
 DATA_ENV = "METARL_OMNIGLOT"
@@ -31,7 +37,7 @@ class OmniglotBatch(SupervisedBatch):
         self.transductive = transductive
 
     def _logits(self, params: Params, data: Examples) -> Tensor:
-        stats = None if self.transductive or data is self.support else self.support.x
+        stats = None if self.transductive or data is not self.query else self.support.x
         return self.model.forward(params, data.x, stats_x=stats)  # type: ignore[call-arg]
 
     def inner_loss(self, params: Params, data: Examples) -> Tensor:
@@ -43,8 +49,8 @@ class OmniglotBatch(SupervisedBatch):
         return self._metric(self._logits(params, data), data.y)
 
     def select(self, idx: Tensor | slice | int) -> OmniglotBatch:
-        return OmniglotBatch(self.model, self.loss, self._metric, self.support.select(idx),
-                             self.query.select(idx), transductive=self.transductive)
+        return OmniglotBatch(self.model, self.loss, self._metric, **self._selected(idx),
+                             transductive=self.transductive)
 
 
 class OmniglotFamily(FamilyBase):
@@ -77,6 +83,10 @@ class OmniglotFamily(FamilyBase):
     ``train_shots`` gives meta-training tasks more support images than test tasks
     have (``shots``), as Reptile's protocol (10 at training for 1-shot testing); their
     query set shrinks to the drawings left (at most ``20 - train_shots``).
+    ``inner_batch`` makes every inner step of a meta-training task adapt on a minibatch
+    of that many of its support images, each task's support set reshuffled every epoch
+    (Reptile's protocol: 10 of the 5 x 10 images per Adam step); test tasks adapt on
+    their whole support set.
 
     Defaults follow the MAML paper: 5-way, 1 inner step at lr 0.4 (3 at test),
     meta-batch 32; 20-way, 5 steps at lr 0.1, meta-batch 16; Adam 1e-3; 60,000
@@ -100,7 +110,7 @@ class OmniglotFamily(FamilyBase):
                  impl: Literal["auto", "grouped", "loop", "vmap"] = "auto",
                  bn_scale: Literal["one", "uniform"] = "uniform", bn_eps: float = 1e-3,
                  head_std: float = 1.0, val_fraction: float = 0.0,
-                 train_shots: int | None = None) -> None:
+                 train_shots: int | None = None, inner_batch: int | None = None) -> None:
         from metarl.models.conv import ConvNet
         from metarl.tasks.omniglot_data import DRAWERS
 
@@ -109,6 +119,8 @@ class OmniglotFamily(FamilyBase):
             require(int(v) >= lo, self.name, what, v, f">= {lo}")
         require(train_shots is None or int(train_shots) >= 1, self.name, "train_shots",
                 train_shots, ">= 1 (or none: the test shots)")
+        require(inner_batch is None or int(inner_batch) >= 1, self.name, "inner_batch",
+                inner_batch, ">= 1 (or none: the whole support set every inner step)")
         require(int(shots) + int(query) <= DRAWERS, self.name, "shots", shots,
                 f"<= {DRAWERS - int(query)} (each character has {DRAWERS} drawings, query={query} "
                 "of them are the query set)")
@@ -130,6 +142,7 @@ class OmniglotFamily(FamilyBase):
         self.bn_scale, self.bn_eps, self.head_std = bn_scale, float(bn_eps), float(head_std)
         self.val_fraction = float(val_fraction)
         self.train_shots = None if train_shots is None else int(train_shots)
+        self.inner_batch = None if inner_batch is None else int(inner_batch)
         try:
             self.model = ConvNet(self.ways, filters=self.filters, downsample=downsample, impl=impl,
                                  eps=self.bn_eps, bn_scale=bn_scale, head_std=self.head_std)
@@ -155,7 +168,8 @@ class OmniglotFamily(FamilyBase):
                 "cache_dir": self.cache_dir, "filters": self.filters,
                 "downsample": self.downsample, "impl": self.impl, "bn_scale": self.bn_scale,
                 "bn_eps": self.bn_eps, "head_std": self.head_std,
-                "val_fraction": self.val_fraction, "train_shots": self.train_shots}
+                "val_fraction": self.val_fraction, "train_shots": self.train_shots,
+                "inner_batch": self.inner_batch}
 
     def describe(self) -> str:
         return inspect.cleandoc(type(self).__doc__ or "") + (
@@ -216,9 +230,13 @@ class OmniglotFamily(FamilyBase):
             k, q = self.train_shots, min(self.query, DRAWERS - self.train_shots)
         b = pool.sample(n_tasks, self.ways, shots or k, query or q,
                         generator=generator, device=torch.device(device), dtype=dtype)
+        plan = None
+        if split == "train" and self.inner_batch is not None:  # drawn only then: same streams
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            plan = MinibatchPlan(n_tasks, b.x_support.shape[1], self.inner_batch, seed)
         return OmniglotBatch(self.model, cross_entropy, accuracy,
                              Examples(b.x_support, b.y_support), Examples(b.x_query, b.y_query),
-                             transductive=self.transductive)
+                             transductive=self.transductive, plan=plan)
 
 
 def _paths(value: str | os.PathLike[str] | Sequence[str] | None) -> list[str]:

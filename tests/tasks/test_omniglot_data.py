@@ -584,7 +584,31 @@ def test_train_shots_give_meta_training_tasks_more_support_images():
     assert plain.support.x.shape[1] == 5
 
 
+@pytest.mark.skipif(not SHARED_ZIP.is_file(), reason=f"{SHARED_ZIP} absent (shared Omniglot split)")
+def test_inner_batch_gives_training_steps_minibatches_of_the_support_set():
+    """Reptile's protocol: 10 of the 5 x 10 training support images per inner step, every
+    image once in 5 steps; test tasks adapt on their whole support set."""
+    from metarl.tasks.omniglot import OmniglotFamily
+
+    fam = OmniglotFamily(str(SHARED_ZIP), shots=1, query=15, train_shots=10, inner_batch=10)
+    assert fam.options()["inner_batch"] == 10
+    g = torch.Generator().manual_seed(0)
+    train = fam.sample_batch(2, g, split="train")
+    steps = [train.inner_data_at(None, j) for j in range(5)]
+    assert all(d.x.shape[:2] == (2, 10) for d in steps)
+    for t in range(2):
+        seen = sorted(bytes(x.numpy()) for d in steps for x in d.x[t])
+        assert seen == sorted(bytes(x.numpy()) for x in train.support.x[t])
+    test = fam.sample_batch(2, g, split="test")
+    assert test.plan is None and test.inner_data_at(None, 0) is test.support
+    # drawing the plan's seed only with inner_batch leaves the other streams as they were
+    a = OmniglotFamily(str(SHARED_ZIP), shots=1, query=15, train_shots=10).sample_batch(
+        2, torch.Generator().manual_seed(0), split="train")
+    assert torch.equal(a.support.x, train.support.x)
+
+
 @pytest.mark.parametrize("kw, match", [
+    (dict(inner_batch=0), "inner_batch must be >= 1"),
     (dict(train_shots=0), "train_shots must be >= 1"),
     (dict(train_shots=20), "train_shots must be <= 19"),
     (dict(shots=6, query=15), "shots must be <= 5"),
