@@ -108,8 +108,8 @@ Score = Callable[[Params], tuple[Tensor, Tensor]]
 
 
 @runtime_checkable
-class SupportsTrajectorySubsample(Protocol):
-    """An RL task batch that can restrict its data to a share of each task's trajectories
+class SupportsFisherSubsample(Protocol):
+    """An RL task batch that can restrict its data to a share of its steps or trajectories
     and score line-search candidates with one policy forward (:class:`~metarl.rl.batch.RLBatch`)."""
 
     def subsample(self, data: Data, share: float, by: str = "steps") -> Data:
@@ -167,10 +167,10 @@ class TRPO:
         share = self.cfg.fisher_subsample
         if share >= 1:
             return mg.inner_data, mg.outer_data
-        if not isinstance(batch, SupportsTrajectorySubsample):
+        if not isinstance(batch, SupportsFisherSubsample):
             raise ConfigError(f"TRPO fisher_subsample={share} needs a task batch that subsamples "
-                              f"its trajectories; {type(batch).__name__} has no subsample(data, "
-                              "share): set fisher_subsample to 1.0")
+                              f"its data; {type(batch).__name__} has no subsample(data, "
+                              "share, by): set fisher_subsample to 1.0")
         by = self.cfg.fisher_unit
         try:
             return ([batch.subsample(d, share, by) for d in mg.inner_data],
@@ -367,7 +367,7 @@ class TRPO:
         old, out = mg.phi, mg.outer_data
         assert old is not None
         with torch.no_grad():
-            if isinstance(batch, SupportsTrajectorySubsample):
+            if isinstance(batch, SupportsFisherSubsample):
                 return batch.line_search_score(old, out)  # one policy forward per candidate
         return lambda phi: (batch.outer_loss(phi, out), batch.kl(old, phi, out))
 
