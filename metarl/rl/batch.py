@@ -244,10 +244,9 @@ class RLBatch:
         if s == 1:
             return data
         dev = r.rewards.device
-        hs = torch.arange(E, device=dev)[:, None] % s + s * torch.arange(
-            math.ceil(H / s), device=dev)  # [E, m]: step e mod s + s j of trajectory e
+        es = torch.arange(E, device=dev)[:, None]  # [E, 1]
+        hs = es % s + s * torch.arange(math.ceil(H / s), device=dev)  # [E, m]: step e mod s + s j
         valid = hs < H
-        es = torch.arange(E, device=dev)[:, None]
         hs = hs.clamp_max(H - 1)
         out = _map_fields(data, (T, E, H), lambda v: v[:, es, hs])
         roll = dataclasses.replace(out.rollouts, mask=out.rollouts.mask * valid)

@@ -75,10 +75,11 @@ class MinibatchPlan:
 
     def rows(self, step: int) -> Tensor:
         """``[T, size]`` (CPU, long): the support rows of inner step ``step``."""
-        pos = step * self.size + torch.arange(self.size)
-        epochs, offsets = pos // self.n_examples, pos % self.n_examples
-        cols = [self._order(int(e))[:, int(o)] for e, o in zip(epochs, offsets)]
-        return torch.stack(cols, 1)
+        start = step * self.size
+        first, last = start // self.n_examples, (start + self.size - 1) // self.n_examples
+        stream = torch.cat([self._order(e) for e in range(first, last + 1)], 1)  # epochs spanned
+        offset = start - first * self.n_examples
+        return stream[:, offset:offset + self.size]
 
 
 class SupervisedBatch:
