@@ -71,17 +71,22 @@ class LinearFeatureBaseline:
         if returns.shape != obs.shape[:3] or mask.shape != obs.shape[:3]:
             raise ValueError(f"returns {tuple(returns.shape)} and mask {tuple(mask.shape)} must "
                              f"have shape {tuple(obs.shape[:3])} (the observations' [T, E, H])")
-        T = obs.shape[0]
+        return self._solve(self.features(obs.to(torch.float64)), returns, mask)
+
+    def _solve(self, features: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+        """:meth:`fit` on the float64 ``features [T, E, H, F]`` of its observations."""
+        T = features.shape[0]
         m = mask.to(torch.float64).reshape(T, -1, 1)  # [T, N, 1]
-        phi = self.features(obs.to(torch.float64)).reshape(T, m.shape[1], -1) * m  # [T, N, F]
+        phi = features.reshape(T, m.shape[1], -1) * m  # [T, N, F]
+        dev = features.device
         y = returns.to(torch.float64).reshape(T, -1, 1) * m  # [T, N, 1]
         F = phi.shape[-1]
         gram = phi.transpose(1, 2) @ phi  # [T, F, F]
         rhs = phi.transpose(1, 2) @ y  # [T, F, 1]
-        eye = torch.eye(F, dtype=torch.float64, device=obs.device)  # [F, F]
-        reg = torch.full((T, 1, 1), self.reg_coeff, dtype=torch.float64, device=obs.device)
-        coeffs = torch.zeros(T, F, 1, dtype=torch.float64, device=obs.device)
-        todo = torch.ones(T, dtype=torch.bool, device=obs.device)  # [T] tasks still unsolved
+        eye = torch.eye(F, dtype=torch.float64, device=dev)  # [F, F]
+        reg = torch.full((T, 1, 1), self.reg_coeff, dtype=torch.float64, device=dev)
+        coeffs = torch.zeros(T, F, 1, dtype=torch.float64, device=dev)
+        todo = torch.ones(T, dtype=torch.bool, device=dev)  # [T] tasks still unsolved
         for _ in range(self.max_tries):
             w, info = torch.linalg.solve_ex(gram + reg * eye, rhs)  # [T, F, 1], [T]
             ok = (info == 0) & torch.isfinite(w).all(dim=(1, 2))  # [T]
@@ -94,14 +99,23 @@ class LinearFeatureBaseline:
 
     def predict(self, obs: Tensor, coeffs: Tensor, mask: Tensor | None = None) -> Tensor:
         """Values ``[T, E, H]`` (in ``obs.dtype``) from ``coeffs [T, F]``; 0 where ``mask`` is 0."""
-        phi = self.features(obs.to(torch.float64))  # [T, E, H, F]
+        return self._values(self.features(obs.to(torch.float64)), coeffs, obs.dtype, mask)
+
+    @staticmethod
+    def _values(features: Tensor, coeffs: Tensor, dtype: torch.dtype,
+                mask: Tensor | None) -> Tensor:
+        """:meth:`predict` on the float64 ``features [T, E, H, F]`` of its observations."""
+        phi = features
         # a product and a sum, not einsum/bmm: those fold a batch of one task into a
         # matrix-vector kernel that rounds differently, and a task's values must not depend
         # on how many tasks share its batch (distributed ranks hold different numbers)
-        values = (phi * coeffs[:, None, None, :]).sum(-1).to(obs.dtype)  # [T, E, H]
+        values = (phi * coeffs[:, None, None, :]).sum(-1).to(dtype)  # [T, E, H]
         return values if mask is None else values * mask.to(values.dtype)
 
     def fit_predict(self, obs: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
         """Fit on ``(obs, returns, mask)``, return the values on the same steps: ``[T, E, H]``."""
-        with torch.no_grad():
-            return self.predict(obs, self.fit(obs, returns, mask), mask)
+        if returns.shape != obs.shape[:3] or mask.shape != obs.shape[:3]:
+            return self.fit(obs, returns, mask)  # raises its error
+        with torch.no_grad():  # the features once, for the fit and the values alike
+            phi = self.features(obs.to(torch.float64))  # [T, E, H, F]
+            return self._values(phi, self._solve(phi, returns, mask), obs.dtype, mask)
