@@ -68,9 +68,7 @@ class LinearFeatureBaseline:
         Returns:
             coefficients ``[T, F]`` in float64, ``F = 2 * obs + 4``.
         """
-        if returns.shape != obs.shape[:3] or mask.shape != obs.shape[:3]:
-            raise ValueError(f"returns {tuple(returns.shape)} and mask {tuple(mask.shape)} must "
-                             f"have shape {tuple(obs.shape[:3])} (the observations' [T, E, H])")
+        _check_shapes(obs, returns, mask)
         return self._solve(self.features(obs.to(torch.float64)), returns, mask)
 
     def _solve(self, features: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
@@ -102,10 +100,8 @@ class LinearFeatureBaseline:
         return self._values(self.features(obs.to(torch.float64)), coeffs, obs.dtype, mask)
 
     @staticmethod
-    def _values(features: Tensor, coeffs: Tensor, dtype: torch.dtype,
-                mask: Tensor | None) -> Tensor:
-        """:meth:`predict` on the float64 ``features [T, E, H, F]`` of its observations."""
-        phi = features
+    def _values(phi: Tensor, coeffs: Tensor, dtype: torch.dtype, mask: Tensor | None) -> Tensor:
+        """:meth:`predict` on the float64 features ``phi [T, E, H, F]`` of its observations."""
         # a product and a sum, not einsum/bmm: those fold a batch of one task into a
         # matrix-vector kernel that rounds differently, and a task's values must not depend
         # on how many tasks share its batch (distributed ranks hold different numbers)
@@ -114,8 +110,14 @@ class LinearFeatureBaseline:
 
     def fit_predict(self, obs: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
         """Fit on ``(obs, returns, mask)``, return the values on the same steps: ``[T, E, H]``."""
-        if returns.shape != obs.shape[:3] or mask.shape != obs.shape[:3]:
-            return self.fit(obs, returns, mask)  # raises its error
+        _check_shapes(obs, returns, mask)
         with torch.no_grad():  # the features once, for the fit and the values alike
             phi = self.features(obs.to(torch.float64))  # [T, E, H, F]
             return self._values(phi, self._solve(phi, returns, mask), obs.dtype, mask)
+
+
+def _check_shapes(obs: Tensor, returns: Tensor, mask: Tensor) -> None:
+    """Raise unless ``returns`` and ``mask`` have the observations' ``[T, E, H]``."""
+    if returns.shape != obs.shape[:3] or mask.shape != obs.shape[:3]:
+        raise ValueError(f"returns {tuple(returns.shape)} and mask {tuple(mask.shape)} must "
+                         f"have shape {tuple(obs.shape[:3])} (the observations' [T, E, H])")

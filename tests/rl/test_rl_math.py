@@ -139,6 +139,16 @@ def test_linear_baseline_matches_per_task_numpy_ridge():
     np.testing.assert_allclose(v32.numpy(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_linear_baseline_fit_predict_is_fit_then_predict_bitwise():
+    rewards, _, mask, _, obs = _data(6)
+    returns = discounted_returns(rewards, mask, 0.99)
+    bl = LinearFeatureBaseline()
+    for o, r, m in ((obs, returns, mask), (obs.float(), returns.float(), mask.float())):
+        assert torch.equal(bl.fit_predict(o, r, m), bl.predict(o, bl.fit(o, r, m), m))
+    with pytest.raises(ValueError, match="must have shape"):
+        bl.fit_predict(obs, returns[:, :, :-1], mask)
+
+
 def test_linear_baseline_failed_task_is_isolated():
     rewards, _, mask, _, obs = _data(5)
     returns = discounted_returns(rewards, mask, 0.99)
