@@ -144,6 +144,9 @@ class TrainConfig:
                               f"their rates: use --algo maml (got {self.algo})")
         if self.inner.learn_lr and self.inner.steps < 1:
             raise ConfigError("--inner-learn-lr needs --inner-steps >= 1")
+        if self.inner.kl_penalty and self.algo != "maml":
+            raise ConfigError(f"--inner-kl-penalty differentiates the adaptation's KL through the "
+                              f"inner steps: use --algo maml (got {self.algo})")
         if self.inner.optimizer == "adam" and self.outer.optimizer == "trpo":
             raise ConfigError("--inner-optimizer adam does not run with --outer trpo (TRPO "
                               "differentiates through the inner steps): use --outer adam or sgd")

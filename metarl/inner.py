@@ -40,10 +40,18 @@ class InnerConfig:
     """Meta-learn the inner rates: one per inner step and parameter tensor (MAML++'s
     per-layer per-step rates, a coarse Meta-SGD), started at lr; maml only. Test steps past
     the trained ones take the last step's rates."""
+    kl_penalty: float = 0.0
+    """Add this times the KL each inner step moves the policy (summed over the steps, each
+    the mean over its trajectories' states of KL(pi_before || pi_after)) to the
+    meta-objective, which then penalises long adaptation steps, as ProMP's inner trust
+    region does; RL families with maml only. 0: the plain MAML objective."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ConfigError(f"inner steps must be >= 0, got {self.steps}")
+        if not (self.kl_penalty >= 0 and math.isfinite(self.kl_penalty)):
+            raise ConfigError(f"inner-kl-penalty must be a finite number >= 0, got "
+                              f"{self.kl_penalty}")
         lrs = self.lr if isinstance(self.lr, tuple) else (self.lr,)
         if not lrs or any(a <= 0 for a in lrs):
             raise ConfigError(f"inner lr must be positive, got {self.lr}")
@@ -134,6 +142,10 @@ class Adaptation:
     """The inner data used at each step (k entries), for re-adaptation without resampling."""
     losses: list[Tensor] = field(default_factory=list)
     """Inner loss ``[T]`` at each step, detached."""
+    path: list[Params] = field(default_factory=list)
+    """With an inner KL penalty (``kl_penalty > 0``; else empty): the parameters each step
+    started from, phi_0 .. phi_{k-1} (with their graph when ``create_graph``): step j
+    moves ``path[j]`` to ``path[j + 1]`` (the last to ``phi``)."""
     state: InnerState = field(default_factory=InnerState)
     """What the next step continues from: inner Adam's moments, the monotone steps'
     halvings."""
@@ -206,6 +218,8 @@ def adapt(
             batch.inner_data_at(phi, taken + j) if isinstance(batch, SupportsStepData)
             else batch.inner_data(phi))
         loss = check_task_losses(batch.inner_loss(phi, d), T, "inner_loss")  # [T]
+        if cfg.kl_penalty:  # only the penalty reads it (it would keep every phi_j alive)
+            out.path.append(phi)
         out.data.append(d)
         out.losses.append(loss.detach())
         if prox is not None:

@@ -91,6 +91,18 @@ class SupportsSelect(Protocol):
 
 
 @runtime_checkable
+class SupportsAdaptationKL(Protocol):
+    """A task batch that measures how far an adaptation moved its policies (what
+    ``--inner-kl-penalty`` adds to the meta-objective)."""
+
+    def adaptation_kl(self, path: list[Params], phi: Params, data: list[Data]) -> Tensor:
+        """``[T]``: the sum over inner steps j of the per-task mean KL(pi_path[j] ||
+        pi_path[j+1]) on step j's ``data[j]`` (the last step ends at ``phi``),
+        differentiable in both policies of every step."""
+        ...
+
+
+@runtime_checkable
 class RLTaskBatch(TaskBatch, Protocol):
     """A task batch whose data are trajectories sampled with the parameters.
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from metarl import params as P
 from metarl.rl.baseline import LinearFeatureBaseline
-from metarl.rl.policies import Policy
+from metarl.rl.policies import ActionDist, Policy
 from metarl.rl.returns import discounted_returns, gae, normalize
 from metarl.rl.sampler import BatchEnv, Rollouts, sample
 from metarl.types import ConfigError, Params
@@ -96,6 +96,16 @@ def _map_fields(obj: Any, lead: tuple[int, ...], f: Callable[[Tensor], Tensor]) 
     return dataclasses.replace(obj, **changed)
 
 
+@dataclass(frozen=True)
+class _Scored:
+    """One :meth:`RLBatch.outer_loss` forward: on which data, at which parameters (a
+    copy), and the action distribution it gave (detached)."""
+
+    data: Trajectories
+    params: Params
+    dist: ActionDist
+
+
 def magic_box(x: Tensor) -> Tensor:
     """DiCE's operator: evaluates to 1, differentiates as d/dx exp(x)."""
     return torch.exp(x - x.detach())
@@ -125,6 +135,7 @@ class RLBatch:
         self.calls = 0
         self.sample_seconds = 0.0  # wall time spent in the sampler, all calls together
         self.baseline = baseline or LinearFeatureBaseline()
+        self._scored: _Scored | None = None  # the last outer_loss forward
 
     # data -----------------------------------------------------------------
     def sample(self, params: Params) -> Trajectories:
@@ -178,8 +189,26 @@ class RLBatch:
     def outer_loss(self, params: Params, data: Trajectories) -> Tensor:
         """Per-task meta-objective ``[T]``: ``-mean(pi / pi_old * A)`` on post-adaptation
         trajectories (the importance-weighted surrogate of TRPO; its gradient at the
-        sampling parameters is the policy gradient)."""
-        return self._surrogate(self.log_probs(params, data), data)
+        sampling parameters is the policy gradient).
+
+        The batch remembers this forward's distribution (detached, with a copy of
+        ``params``): TRPO's line search scores its candidates against the distribution
+        of the very parameters the meta-gradient scored, and :meth:`line_search_score`
+        takes it from here instead of a second forward."""
+        dist = self.policy.dist(params, data.rollouts.obs)
+        self._scored = _Scored(data, {k: v.detach().clone() for k, v in params.items()},
+                               dist.detach())
+        return self._surrogate(dist.log_prob(data.rollouts.actions), data)
+
+    def _remembered_dist(self, params: Params, data: Trajectories) -> ActionDist | None:
+        """The distribution :meth:`outer_loss` computed last, if it was for ``data`` (the
+        same object) and parameters equal to ``params`` in every element; else None."""
+        m = self._scored
+        if m is None or m.data is not data or m.params.keys() != params.keys():
+            return None
+        same = all(m.params[k].shape == v.shape and torch.equal(m.params[k], v)
+                   for k, v in params.items())
+        return m.dist if same else None
 
     @staticmethod
     def _surrogate(logp: Tensor, data: Trajectories) -> Tensor:
@@ -192,10 +221,14 @@ class RLBatch:
         """``new -> (outer_loss(new, data), kl(old, new, data))``, each ``[T]``, with one
         policy forward per call: the old policy's distribution on ``data`` is computed
         here, once (TRPO's line search scores several candidates against the same old
-        policy). The numbers are those of the two separate calls, bit for bit."""
+        policy; after a meta-gradient it is the one its :meth:`outer_loss` computed at
+        ``old``, so no forward at all). The numbers are those of the two separate calls,
+        bit for bit."""
         r = data.rollouts
-        with torch.no_grad():
-            old_dist = self.policy.dist(old, r.obs)  # [T, E, H, ...]
+        old_dist = self._remembered_dist(old, data)
+        if old_dist is None:
+            with torch.no_grad():
+                old_dist = self.policy.dist(old, r.obs)  # [T, E, H, ...]
 
         def score(new: Params) -> tuple[Tensor, Tensor]:
             dist = self.policy.dist(new, r.obs)
@@ -251,6 +284,24 @@ class RLBatch:
         out = _map_fields(data, (T, E, H), lambda v: v[:, es, hs])
         roll = dataclasses.replace(out.rollouts, mask=out.rollouts.mask * valid)
         return dataclasses.replace(out, rollouts=roll)
+
+    def adaptation_kl(self, path: list[Params], phi: Params,
+                      data: list[Trajectories]) -> Tensor:
+        """``[T]``: sum over inner steps j of the mean KL(pi_path[j] || pi_path[j+1]) over the
+        valid states of step j's trajectories ``data[j]`` (the last step ends at ``phi``),
+        closed form and differentiable in both policies (the ``--inner-kl-penalty`` term;
+        :meth:`kl` holds its old policy constant instead)."""
+        if len(path) != len(data):
+            raise ValueError(f"an adaptation of {len(path)} steps came with data for "
+                             f"{len(data)}")
+        terms = []
+        for start, end, d in zip(path, [*path[1:], phi], data):  # over the k inner steps
+            r = d.rollouts
+            step = self.policy.dist(start, r.obs).kl(self.policy.dist(end, r.obs))  # [T, E, H]
+            terms.append(masked_task_mean(step, r.mask))
+        if not terms:  # no inner step: no move
+            return next(iter(phi.values())).new_zeros(self.n_tasks)
+        return torch.stack(terms).sum(0)
 
     def kl(self, old: Params, new: Params, data: Trajectories) -> Tensor:
         """Mean KL(pi_old || pi_new) over each task's valid steps: ``[T]``."""

@@ -66,6 +66,10 @@ class ActionDist(Protocol):
         """``KL(self || other)`` per distribution: ``[T, ...]``."""
         ...
 
+    def detach(self) -> ActionDist:
+        """The same distributions, their tensors detached from the graph (same values)."""
+        ...
+
 
 class Policy(Protocol):
     """What the sampler and the RL losses need from a policy."""
@@ -127,6 +131,9 @@ class DiagGaussian:
         kl = other.log_std - self.log_std + 0.5 * (var_ratio + t * t) - 0.5
         return kl.sum(-1)
 
+    def detach(self) -> DiagGaussian:
+        return DiagGaussian(self.mean.detach(), self.log_std.detach())
+
 
 def _noise(draw: Callable[..., Tensor], shape: torch.Size, rows: tuple[int, int] | None,
            generator: torch.Generator | None, like: Tensor) -> Tensor:
@@ -172,6 +179,11 @@ class Categorical:
         if not isinstance(other, Categorical):
             raise TypeError(f"KL between Categorical and {type(other).__name__} is not defined")
         return (self.probs * (self.logits - other.logits)).sum(-1)
+
+    def detach(self) -> Categorical:
+        out = Categorical.__new__(Categorical)  # the logits are normalised already
+        out.logits = self.logits.detach()
+        return out
 
 
 def _check_obs(params_T: Params, obs: Tensor, obs_dim: int, key: str = "l0.w") -> int:

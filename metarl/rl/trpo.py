@@ -30,7 +30,8 @@ strongly correlated, so the same number of steps spread over all E episodes esti
 F much better than a few whole episodes do (navigation's two-step return learns
 measurably better with it: README, "TRPO's cost and the fast Fisher option").
 The line search scores a candidate with one policy forward (the old policy's
-distribution is computed once per step); those numbers equal the separate
+distribution is the one the meta-gradient's outer loss computed, which the RL batch
+remembers); those numbers equal the separate
 ``outer_loss`` and ``kl`` calls bit for bit, so ``fisher_subsample = 1`` is the
 previous code path exactly.
 """
@@ -48,10 +49,18 @@ from torch import Tensor
 from metarl import params as P
 from metarl.algorithms.base import MetaGrad
 from metarl.distributed import LOCAL, Group
-from metarl.inner import LR_KEY, InnerConfig, adapt, split_lr, step_rates
+from metarl.inner import LR_KEY, Adaptation, InnerConfig, adapt, split_lr, step_rates
 from metarl.linalg import cg
 from metarl.outer import Compute
-from metarl.types import ConfigError, Data, Params, RLTaskBatch, TaskBatch, check_finite
+from metarl.types import (
+    ConfigError,
+    Data,
+    Params,
+    RLTaskBatch,
+    SupportsAdaptationKL,
+    TaskBatch,
+    check_finite,
+)
 
 FAST_FISHER_SUBSAMPLE = 0.05
 """The fast path's share of the batch for the Fisher-vector products (every 20th step of
@@ -60,9 +69,9 @@ navigation's validation return with it is in the README)."""
 FISHER_SUBSAMPLE = 1.0
 """Default share of trajectories for the Fisher-vector products (see :class:`TRPOConfig`)."""
 
-Readapt = Callable[[Params, TaskBatch, list[Data], bool], Params]
-"""``(theta, batch, inner_data, create_graph) -> phi``: the algorithm's inner loop on stored
-data."""
+Readapt = Callable[[Params, TaskBatch, list[Data], bool], Adaptation]
+"""``(theta, batch, inner_data, create_graph) -> adaptation`` (its ``phi``, the adapted
+parameters): the algorithm's inner loop on stored data."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,10 +139,11 @@ def _inner_loss_on(batch: TaskBatch, data: Data) -> Callable[[Params], Tensor]:
 def make_readapt(algo: str, inner: InnerConfig, lam: float | None = None) -> Readapt:
     """The inner loop of ``algo`` on stored data (iMAML: the proximal one)."""
 
-    def readapt(theta: Params, batch: TaskBatch, data: list[Data], create_graph: bool) -> Params:
+    def readapt(theta: Params, batch: TaskBatch, data: list[Data],
+                create_graph: bool) -> Adaptation:
         theta_T = P.expand(theta, batch.n_tasks)
         prox = (lam, P.expand(P.detach(theta), batch.n_tasks)) if algo == "imaml" and lam else None
-        return adapt(theta_T, batch, inner, create_graph=create_graph, data=data, prox=prox).phi
+        return adapt(theta_T, batch, inner, create_graph=create_graph, data=data, prox=prox)
 
     return readapt
 
@@ -297,7 +307,7 @@ class TRPO:
                              "None (metarl's algorithms return them in MetaGrad.phi)")
         inner_data, out = self.fisher_data(batch, mg)
         th = P.detach(theta, requires_grad=True)
-        phi = self.readapt(th, batch, inner_data, True)
+        phi = self.readapt(th, batch, inner_data, True).phi
         if self.cfg.fisher_subsample < 1:
             phi = {k: v - v.detach() + old[k] for k, v in phi.items()}
         grad_kl = P.grads(batch.kl(old, phi, out).mean(), th, create_graph=True)
@@ -336,15 +346,23 @@ class TRPO:
         theta0 = P.flatten(P.detach(theta))
         L0 = float(group.ordered_mean(mg.outer_loss, counts))
         accepted, frac, kl_new, L_new = False, 0.0, 0.0, L0
+        penalty = self.readapt_steps.kl_penalty
+        moved = batch if isinstance(batch, SupportsAdaptationKL) else None
+        if penalty and moved is None:
+            raise ConfigError(f"the inner KL penalty needs adaptation_kl on the task batch; "
+                              f"{type(batch).__name__} has none: set --inner-kl-penalty 0")
         if sFs > 0 and math.isfinite(sFs):
             full = s * math.sqrt(2 * cfg.max_kl / sFs)
             score = self._score(batch, mg)
             for i in range(cfg.ls_steps):
                 frac = cfg.ls_backtrack ** i
                 cand = P.unflatten(theta0 + frac * full, theta)
-                phi = P.detach(self.readapt(cand, batch, mg.inner_data, False))
+                ad = self.readapt(cand, batch, mg.inner_data, False)
+                phi = P.detach(ad.phi)
                 with torch.no_grad():
                     L_T, kl_T = score(phi)  # [T], [T] on every post-adaptation trajectory
+                    if penalty and moved is not None:  # the meta-objective's KL term
+                        L_T = L_T + penalty * moved.adaptation_kl(ad.path, phi, ad.data)
                     L_new, kl_new = group.ordered_mean(torch.stack([L_T, kl_T], 1),
                                                        counts).tolist()
                 if L_new < L0 and kl_new <= cfg.max_kl:

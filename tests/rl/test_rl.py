@@ -83,7 +83,7 @@ def test_trpo_step_respects_kl_bound_and_improves():
     mg = trpo.step(theta, batch, lambda th, b: meta_grad("maml", th, b, cfg.inner))
     assert mg.extra["trpo/accepted"] == 1.0 and mg.extra["trpo/cg_indefinite"] == 0.0
     # recompute the KL of the new adapted policies on the post-adaptation trajectories
-    phi_new = trpo.readapt(P.detach(theta), batch, mg.inner_data, False)
+    phi_new = trpo.readapt(P.detach(theta), batch, mg.inner_data, False).phi
     kl = float(batch.kl(mg.phi, phi_new, mg.outer_data).mean())
     assert 0 < kl <= 0.005 * (1 + 1e-4)
     assert float(batch.outer_loss(phi_new, mg.outer_data).mean()) < float(mg.outer_loss.mean())

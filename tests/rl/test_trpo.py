@@ -124,6 +124,50 @@ def test_line_search_score_equals_outer_loss_and_kl_bit_for_bit():
     assert torch.equal(kl, batch.kl(mg.phi, new, mg.outer_data))
 
 
+@pytest.mark.parametrize("algo", ["maml", "fomaml"])
+def test_line_search_takes_the_old_distribution_from_the_meta_gradients_forward(algo):
+    """After a meta-gradient the line search needs no forward of the old policy: it reuses
+    the outer loss's distribution at mg.phi, only for that data and those parameters."""
+    _, cfg, theta, trpo, batch = setup(1.0, dtype=torch.float32)
+    mg = meta_grad(algo, theta, batch, cfg.inner)
+    calls = []
+    dist = batch.policy.dist
+    batch.policy.dist = lambda *a: calls.append(1) or dist(*a)
+    new = P.add(mg.phi, P.scale(mg.phi, 0.01))
+    remembered = batch.line_search_score(mg.phi, mg.outer_data)
+    assert calls == []
+    other = batch.outer_data(new)  # other trajectories: the old policy's forward is needed
+    moved = P.add(mg.phi, P.scale(mg.phi, 1e-3))  # other parameters: so it is
+    for old, data in ((mg.phi, other), (moved, mg.outer_data)):
+        calls.clear()
+        L, kl = batch.line_search_score(old, data)(new)
+        assert len(calls) == 2  # the old policy once, the candidate once
+        assert torch.equal(kl, batch.kl(old, new, data))
+    batch.policy.dist = dist
+    L, kl = remembered(new)
+    assert torch.equal(L, batch.outer_loss(new, mg.outer_data))
+    assert torch.equal(kl, batch.kl(mg.phi, new, mg.outer_data))
+
+
+def test_trpo_step_is_the_same_with_or_without_the_remembered_distribution():
+    """The exact path's step bit for bit whether the line search reuses the meta-gradient's
+    forward or computes the old policy's distribution itself."""
+    steps = []
+    for forget in (False, True):
+        _, cfg, theta, trpo, batch = setup(1.0, dtype=torch.float32)
+
+        def compute(th, b, forget=forget, cfg=cfg):
+            mg = meta_grad("maml", th, b, cfg.inner)
+            if forget:
+                b._scored = None
+            return mg
+
+        mg = trpo.step(theta, batch, compute)
+        assert mg.extra["trpo/accepted"] == 1.0
+        steps.append((P.flatten(P.detach(theta)), mg.extra["trpo/kl"]))
+    assert torch.equal(steps[0][0], steps[1][0]) and steps[0][1] == steps[1][1]
+
+
 @pytest.mark.parametrize("unit", ["trajectories", "steps"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_subsampled_fisher_is_the_kl_hessian_through_the_adaptation_on_the_subsample(k, unit):
@@ -141,7 +185,7 @@ def test_subsampled_fisher_is_the_kl_hessian_through_the_adaptation_on_the_subsa
     cut = (lambda d: head(d, 2)) if unit == "trajectories" else (lambda d: strided(d, 2))
     inner, out = [cut(d) for d in mg.inner_data], cut(mg.outer_data)
     th = P.detach(theta, requires_grad=True)
-    phi = trpo.readapt(th, batch, inner, True)
+    phi = trpo.readapt(th, batch, inner, True).phi
     phi = {key: p - p.detach() + mg.phi[key] for key, p in phi.items()}
     kl = masked_task_mean(batch.policy.kl(mg.phi, phi, out.rollouts.obs), out.rollouts.mask)
     grad_kl = P.flatten(P.grads(kl.mean(), th, create_graph=True))
@@ -183,7 +227,7 @@ def test_fast_step_is_the_scaled_solution_of_the_subsampled_fisher_system():
     step = P.flatten(P.detach(theta)) - theta0
     expected = mg.extra["trpo/step_frac"] * math.sqrt(2 * cfg.trpo.max_kl / sFs) * s
     assert float((step - expected).norm() / expected.norm()) < 1e-6
-    phi_new = trpo.readapt(P.detach(theta), batch, mg.inner_data, False)
+    phi_new = trpo.readapt(P.detach(theta), batch, mg.inner_data, False).phi
     assert float(batch.kl(mg.phi, phi_new, mg.outer_data).mean()) <= cfg.trpo.max_kl
 
 
@@ -201,7 +245,7 @@ def test_exact_path_takes_the_previous_codes_step_bit_for_bit():
     theta0, L0, ref = P.flatten(P.detach(theta)), float(mg.outer_loss.mean()), None
     for i in range(cfg.trpo.ls_steps):
         cand = theta0 + cfg.trpo.ls_backtrack ** i * full
-        phi = P.detach(trpo.readapt(P.unflatten(cand, theta), batch, mg.inner_data, False))
+        phi = P.detach(trpo.readapt(P.unflatten(cand, theta), batch, mg.inner_data, False).phi)
         with torch.no_grad():
             L = float(batch.outer_loss(phi, mg.outer_data).mean())
             kl = float(batch.kl(mg.phi, phi, mg.outer_data).mean())
