@@ -87,6 +87,8 @@ class Run:
     """The outer optimizer's ``state_dict``."""
     task_rng: Tensor | None = field(default=None, compare=False)
     """State of the generator of training tasks (resume draws the tasks it would have)."""
+    kl_penalty: float | None = None
+    """The adaptive inner KL coefficient where training adapts it (``--inner-kl-target``)."""
     adapted: tuple[Adapted, ...] = ()
     """``metarl adapt`` steps that produced this policy, oldest first."""
     path: Path | None = field(default=None, compare=False)
@@ -119,6 +121,8 @@ class Run:
             "config": self.config.to_dict(), "iteration": int(self.iteration),
             "optimizer": self.optimizer, "task_rng": self.task_rng,
             "family": self.config.family, "algo": self.config.algo}
+        if self.kl_penalty is not None:
+            state["kl_penalty"] = float(self.kl_penalty)
         if self.adapted:
             state["adapted_history"] = [
                 {**dataclasses.asdict(a), "from": a.source} for a in self.adapted]
@@ -171,6 +175,8 @@ def load(run_or_checkpoint: str | Path) -> Run:
                         for a in history)
         return Run(theta=dict(state["theta"]), config=config, iteration=int(state["iteration"]),
                    optimizer=state.get("optimizer"), task_rng=state.get("task_rng"),
+                   kl_penalty=(None if state.get("kl_penalty") is None
+                               else float(state["kl_penalty"])),
                    adapted=adapted, path=p)
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, ConfigError):

@@ -45,6 +45,11 @@ class InnerConfig:
     the mean over its trajectories' states of KL(pi_before || pi_after)) to the
     meta-objective, which then penalises long adaptation steps, as ProMP's inner trust
     region does; RL families with maml only. 0: the plain MAML objective."""
+    kl_target: float = 0.0
+    """Adapt the penalty's coefficient to hold the adaptation's KL near this value, as
+    ProMP does: after every iteration, the coefficient doubles when the meta-batch's mean
+    adaptation KL exceeds 1.5 times the target and halves when it falls below the target
+    over 1.5, within KL_PENALTY_RANGE times its start, kl_penalty. 0: a fixed coefficient."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -52,6 +57,12 @@ class InnerConfig:
         if not (self.kl_penalty >= 0 and math.isfinite(self.kl_penalty)):
             raise ConfigError(f"inner-kl-penalty must be a finite number >= 0, got "
                               f"{self.kl_penalty}")
+        if not (self.kl_target >= 0 and math.isfinite(self.kl_target)):
+            raise ConfigError(f"inner-kl-target must be a finite number >= 0, got "
+                              f"{self.kl_target}")
+        if self.kl_target and not self.kl_penalty:
+            raise ConfigError("--inner-kl-target adapts the coefficient --inner-kl-penalty "
+                              "starts from: give --inner-kl-penalty ETA > 0 as well")
         lrs = self.lr if isinstance(self.lr, tuple) else (self.lr,)
         if not lrs or any(a <= 0 for a in lrs):
             raise ConfigError(f"inner lr must be positive, got {self.lr}")
@@ -75,6 +86,47 @@ class InnerConfig:
 
     def lr_sum(self) -> float:
         return sum(self.lr_at(j) for j in range(self.steps))
+
+
+KL_PENALTY_RANGE = 1024.0
+"""An adaptive inner KL coefficient stays within [start / this, start * this]: ten
+halvings or doublings, so a coefficient that has fallen while the KL was below its target
+needs at most ten iterations to come back (unbounded, ProMP's rule can reach 0 or
+overflow on a long run)."""
+
+
+@dataclass
+class KLPenaltySchedule:
+    """ProMP's adaptive inner KL coefficient (Rothfuss et al. 2019, Algorithm 1): ``eta``
+    doubles after an iteration whose mean adaptation KL exceeds ``1.5 target`` and halves
+    after one below ``target / 1.5``, within ``KL_PENALTY_RANGE`` of ``start``."""
+
+    start: float
+    target: float
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.start > 0 and self.target > 0):
+            raise ConfigError(f"an adaptive inner KL coefficient needs a start and a target "
+                              f"> 0, got {self.start} and {self.target}")
+        if not self.eta:
+            self.eta = self.start
+
+    @classmethod
+    def of(cls, cfg: InnerConfig) -> KLPenaltySchedule | None:
+        """The schedule ``cfg`` asks for (``kl_target > 0``), or None (fixed or no penalty)."""
+        return cls(cfg.kl_penalty, cfg.kl_target) if cfg.kl_target else None
+
+    def update(self, kl: float) -> float:
+        """The coefficient for the next iteration, after one whose mean adaptation KL was
+        ``kl``."""
+        if not math.isfinite(kl):
+            raise ValueError(f"the adaptation KL is {kl}: the coefficient cannot follow it")
+        if kl > 1.5 * self.target:
+            self.eta = min(2 * self.eta, self.start * KL_PENALTY_RANGE)
+        elif kl < self.target / 1.5:
+            self.eta = max(self.eta / 2, self.start / KL_PENALTY_RANGE)
+        return self.eta
 
 
 INNER_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")

@@ -22,7 +22,7 @@ from metarl import params as P
 from metarl.algorithms import ChunkChooser, MetaGrad, meta_grad
 from metarl.config import TrainConfig
 from metarl.families import Family, SupportsTRPO
-from metarl.inner import has_learned_lr, with_learned_lr
+from metarl.inner import KLPenaltySchedule, has_learned_lr, with_learned_lr
 from metarl.outer import GradientOuter, OuterOptimizer
 from metarl.rl.diagnostics import rl_diagnostics
 from metarl.rl.family import RLFamily
@@ -115,23 +115,26 @@ def sample_share(family: Family, n: int, generator: torch.Generator, group: dist
     return batch.select(share)
 
 
-def meta_batch_grad(cfg: TrainConfig,
-                    group: distributed.Group) -> Callable[[Params, TaskBatch], MetaGrad]:
+def meta_batch_grad(cfg: TrainConfig, group: distributed.Group,
+                    schedule: KLPenaltySchedule | None = None,
+                    ) -> Callable[[Params, TaskBatch], MetaGrad]:
     """``(theta, this rank's tasks) -> MetaGrad`` whose ``grad`` is the mean over the whole
     meta-batch of ``cfg.meta_batch`` tasks: the per-task gradients averaged in task order
     (:meth:`~metarl.distributed.Group.ordered_mean`), so the step is the same to the last
-    bit on any number of processes."""
+    bit on any number of processes. With a ``schedule``, each call's inner KL coefficient
+    is the schedule's at the time."""
 
     chooser = ChunkChooser() if cfg.task_chunk == "auto" else None
 
     def compute(theta: Params, batch: TaskBatch) -> MetaGrad:
+        inner = cfg.inner if schedule is None else replace(cfg.inner, kl_penalty=schedule.eta)
         if chooser is not None:
-            mg = chooser.meta_grad(cfg.algo, theta, batch, cfg.inner, cfg.imaml)
+            mg = chooser.meta_grad(cfg.algo, theta, batch, inner, cfg.imaml)
             mg = dataclasses.replace(mg, extra={**mg.extra,
                                                 "time/task_chunk": float(chooser.chunk or 0)})
         else:
             chunk = cfg.task_chunk if isinstance(cfg.task_chunk, int) else None
-            mg = meta_grad(cfg.algo, theta, batch, cfg.inner, cfg.imaml, chunk=chunk)
+            mg = meta_grad(cfg.algo, theta, batch, inner, cfg.imaml, chunk=chunk)
         assert mg.task_grads is not None  # every algorithm of meta_grad returns them
         grad = group.ordered_mean_params(mg.task_grads, group.counts(cfg.meta_batch))
         return dataclasses.replace(mg, grad=grad)
@@ -292,21 +295,24 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
         prepare_out(out, overwrite=overwrite, resume=resume)
     group.barrier()
     g_init, g_tasks = seeds(cfg.seed)
+    schedule = KLPenaltySchedule.of(cfg.inner)  # None: a fixed coefficient, or none
     theta, outer, start = _start(cfg, family, out if resume else None, g_init, g_tasks,
-                                 group, device, dtype)
+                                 group, device, dtype, schedule)
     logged = 0.0  # seconds of training before this run
     if group.is_main:
         logged = trim_metrics(out, start) if resume else 0.0
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
-    compute = meta_batch_grad(cfg, group)
+    compute = meta_batch_grad(cfg, group, schedule)
 
     def save(iteration: int) -> None:
         if group.is_main:
             checkpoint.save(out / checkpoint.CHECKPOINT,
                             checkpoint.Run(theta=theta, config=cfg, iteration=iteration,
                                            optimizer=outer.state_dict(),
-                                           task_rng=g_tasks.get_state()))
+                                           task_rng=g_tasks.get_state(),
+                                           kl_penalty=None if schedule is None
+                                           else schedule.eta))
 
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
@@ -324,6 +330,9 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                 batch = sample_share(family, cfg.meta_batch, g_tasks, group, device=device,
                                      dtype=dtype)
                 mg = outer.step(theta, batch, compute)
+                if schedule is not None:  # on every rank, from the whole meta-batch's KL
+                    kl = group.task_mean_metrics({"kl": mg.extra["inner/kl"]}, batch.n_tasks)
+                    schedule.update(kl["kl"])
                 show = it % max(1, min(cfg.log_every, 10)) == 0 or it == cfg.iterations
                 if show or it % cfg.log_every == 0:
                     metrics = iteration_metrics(batch, mg, theta, group,
@@ -360,10 +369,12 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
 
 def _start(cfg: TrainConfig, family: Family, resume_from: Path | None,
            g_init: torch.Generator, g_tasks: torch.Generator, group: distributed.Group,
-           device: torch.device, dtype: torch.dtype) -> tuple[Params, OuterOptimizer, int]:
+           device: torch.device, dtype: torch.dtype,
+           schedule: KLPenaltySchedule | None = None) -> tuple[Params, OuterOptimizer, int]:
     """The meta-parameters, the outer optimizer and the last finished iteration a run
     starts from: fresh ones drawn with ``g_init``, or those of the checkpoint in
-    ``resume_from`` (``g_tasks`` then continues the checkpoint's task stream)."""
+    ``resume_from`` (``g_tasks`` then continues the checkpoint's task stream, and
+    ``schedule`` its inner KL coefficient)."""
     run = checkpoint.load(resume_from) if resume_from is not None else None
     if run is None:
         theta = family.init_params(g_init, device, dtype)
@@ -377,6 +388,8 @@ def _start(cfg: TrainConfig, family: Family, resume_from: Path | None,
     outer = make_outer(cfg, theta, family, group)
     if run.optimizer:
         outer.load_state_dict(run.optimizer)
+    if schedule is not None and run.kl_penalty is not None:
+        schedule.eta = run.kl_penalty
     return theta, outer, run.iteration
 
 

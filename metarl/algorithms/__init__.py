@@ -65,7 +65,7 @@ def _merge(parts: list[tuple[MetaGrad, int]], T: int) -> MetaGrad:
            if phis[0] is not None and None not in phis else None)
     extra = {k: sum(mg.extra[k] * n for mg, n in parts) / T for k in first.extra}
     return MetaGrad(grad=grad, task_grads=task_grads, inner_losses=inner_losses,
-                    outer_loss=outer_loss, phi=phi, extra=extra)
+                    outer_loss=outer_loss, phi=phi, kl_penalty=first.kl_penalty, extra=extra)
 
 
 class ChunkChooser:

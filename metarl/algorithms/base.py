@@ -31,6 +31,9 @@ class MetaGrad:
     """Adapted parameters, detached, ``[T, *shape]``."""
     inner_data: list[Data] = field(default_factory=list)
     outer_data: Data = None
+    kl_penalty: float = 0.0
+    """The inner KL coefficient eta of the meta-objective (0: none): an outer optimizer
+    that scores the objective itself (TRPO's line search) scores it with the same."""
     extra: dict[str, float] = field(default_factory=dict)
     """Algorithm-specific diagnostics, namespaced (``imaml/cg_indefinite``)."""
 

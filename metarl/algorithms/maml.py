@@ -32,7 +32,10 @@ def meta_grad(theta: Params, batch: TaskBatch, inner: InnerConfig, *,
         ``MetaGrad`` whose ``grad`` is ``d/dtheta mean_t L_out,t(phi_k,t)``. With
         ``inner.kl_penalty`` eta (RL batches, second order), the objective is
         ``mean_t [L_out,t(phi_k,t) + eta adaptation_kl_t]`` and ``outer_loss`` its per-task
-        values; ``extra["inner/kl"]`` is the mean adaptation KL.
+        values; ``extra["inner/kl"]`` is the mean adaptation KL, and the coefficient is
+        returned as ``MetaGrad.kl_penalty`` (and ``extra["inner/kl_penalty"]``) so that
+        TRPO's line search scores its candidates with the coefficient this gradient used,
+        also when an adaptive schedule has moved it since.
 
     References: Finn et al. 2017, eq. 1 and section 5.2 (first-order approximation).
     """
@@ -54,10 +57,11 @@ def meta_grad(theta: Params, batch: TaskBatch, inner: InnerConfig, *,
         kl = moved.adaptation_kl(ad.path, phi, ad.data)  # [T]
         L_out = L_out + eta * kl
         extra["inner/kl"] = float(kl.detach().mean())
+        extra["inner/kl_penalty"] = eta
     if first_order:
         task_grads = P.grads(L_out.sum(), phi)  # d phi_k / d theta := I
     else:  # through every inner step, one row per task (the rows of theta_T)
         task_grads = P.grads(L_out.sum(), theta_T)
     return MetaGrad(grad=P.task_mean(task_grads), task_grads=task_grads, inner_losses=ad.losses,
                     outer_loss=L_out.detach(), phi=P.detach(phi), inner_data=ad.data,
-                    outer_data=out_data, extra=extra)
+                    outer_data=out_data, kl_penalty=eta, extra=extra)

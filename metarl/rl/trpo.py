@@ -346,7 +346,7 @@ class TRPO:
         theta0 = P.flatten(P.detach(theta))
         L0 = float(group.ordered_mean(mg.outer_loss, counts))
         accepted, frac, kl_new, L_new = False, 0.0, 0.0, L0
-        penalty = self.readapt_steps.kl_penalty
+        penalty = mg.kl_penalty  # the coefficient of the objective mg is the gradient of
         moved = batch if isinstance(batch, SupportsAdaptationKL) else None
         if penalty and moved is None:
             raise ConfigError(f"the inner KL penalty needs adaptation_kl on the task batch; "
