@@ -59,7 +59,7 @@ def curve(
         for name, rows in loaded:
             ends = []
             for k in keys:
-                ys = [float(r.get(k, float("nan"))) for r in rows]
+                ys = [float(r[k]) for r in rows if k in r]
                 first, last = moving_average(ys[:smooth], smooth)[-1], moving_average(ys, smooth)[-1]
                 ends.append(f"{first:.4g} -> {last:.4g}")
             table.add_row(name, str(rows[-1]["iteration"]), _duration(rows[-1]["seconds"]), *ends)

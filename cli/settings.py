@@ -33,7 +33,7 @@ SKIPPED = {"family_options"}
 PANELS = {"family": "Task", "inner": "Inner loop", "imaml": "iMAML", "trpo": "TRPO (RL families)",
           "seed": "Run", "device": "Run", "dtype": "Run", "log_every": "Output",
           "checkpoint_every": "Output", "keep_checkpoints": "Output",
-          "tensorboard": "Output"}
+          "tensorboard": "Output", "validate": "Validation"}
 """Help panel of each top-level setting; the others go under "Outer loop"."""
 
 FAMILY_DEFAULTED = {"algo", "iterations", "meta_batch", "inner", "outer", "imaml", "trpo",

@@ -89,6 +89,9 @@ class Run:
     """State of the generator of training tasks (resume draws the tasks it would have)."""
     kl_penalty: float | None = None
     """The adaptive inner KL coefficient where training adapts it (``--inner-kl-target``)."""
+    validation_best: tuple[int, float] | None = None
+    """Where training validates (``--validate-every``): the iteration of the best validation
+    metric so far and its value (the parameters kept as ``best.pt``)."""
     adapted: tuple[Adapted, ...] = ()
     """``metarl adapt`` steps that produced this policy, oldest first."""
     path: Path | None = field(default=None, compare=False)
@@ -123,6 +126,9 @@ class Run:
             "family": self.config.family, "algo": self.config.algo}
         if self.kl_penalty is not None:
             state["kl_penalty"] = float(self.kl_penalty)
+        if self.validation_best is not None:
+            it, value = self.validation_best
+            state["validation_best"] = {"iteration": int(it), "value": float(value)}
         if self.adapted:
             state["adapted_history"] = [
                 {**dataclasses.asdict(a), "from": a.source} for a in self.adapted]
@@ -177,9 +183,17 @@ def load(run_or_checkpoint: str | Path) -> Run:
                    optimizer=state.get("optimizer"), task_rng=state.get("task_rng"),
                    kl_penalty=(None if state.get("kl_penalty") is None
                                else float(state["kl_penalty"])),
+                   validation_best=_validation_best(state.get("validation_best")),
                    adapted=adapted, path=p)
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"checkpoint {str(p)!r} is incomplete ({type(e).__name__}: {e}): it "
                           "was not written by metarl train or metarl adapt") from None
+
+
+def _validation_best(saved: Any) -> tuple[int, float] | None:
+    """``state["validation_best"]`` as ``(iteration, value)``; None when absent."""
+    if saved is None:
+        return None
+    return int(saved["iteration"]), float(saved["value"])

@@ -79,6 +79,36 @@ class OuterConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ValidationConfig:
+    """Validation while training: every few iterations the meta-parameters adapt to fixed
+    held-out tasks, and the best of them are kept as ``best.pt``, so that a run's result
+    does not depend on stopping it at the right iteration."""
+
+    every: int = 0
+    """Validate every this many iterations (and after the last), logging the metric after
+    each adaptation step (validation/METRIC_K in metrics.jsonl) and keeping the best
+    meta-parameters by the metric after the last step as best.pt; 0: never."""
+    tasks: int | None = None
+    """Validation tasks: fresh tasks of the training split, the same at every validation
+    and never the training stream's or the test split's. None: the family's test count."""
+    steps: int | None = None
+    """Adaptation steps scored (the metric after the last picks best.pt). None: the
+    family's test steps, or the run's inner steps if more."""
+    rollouts: int | None = None
+    """RL: trajectories per task for each adaptation step and score. None: the run's."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"validate-every must be >= 0 (0: never), got {self.every}")
+        for name in ("tasks", "rollouts"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"validate-{name} must be >= 1, got {value}")
+        if self.steps is not None and self.steps < 0:
+            raise ConfigError(f"validate-steps must be >= 0, got {self.steps}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything a training run needs; written to the run folder as ``config.json``
     and into every checkpoint."""
@@ -97,6 +127,7 @@ class TrainConfig:
     outer: OuterConfig = field(default_factory=OuterConfig)
     imaml: IMAMLConfig = field(default_factory=IMAMLConfig)
     trpo: TRPOConfig = field(default_factory=TRPOConfig)
+    validate: ValidationConfig = field(default_factory=ValidationConfig)
     task_chunk: int | Literal["auto"] | None = None
     """Process the meta-batch this many tasks at a time and average (supervised families):
     peak memory of one chunk, same gradient up to rounding. None: all tasks at once; auto:

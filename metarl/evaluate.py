@@ -23,7 +23,6 @@ from metarl.checkpoint import Run
 from metarl.families import Family
 from metarl.inner import InnerConfig, adapt, has_learned_lr, model_params
 from metarl.rl.family import RLFamily
-from metarl.train import train
 from metarl.types import (
     ConfigError,
     Params,
@@ -37,6 +36,10 @@ from metarl.types import (
 
 TEST_SEED_OFFSET = 1_000_003
 """Test tasks are drawn from ``seed + TEST_SEED_OFFSET``: never the training stream."""
+VALIDATION_SEED_OFFSET = 2_000_029
+"""Validation tasks (training split, :mod:`metarl.train`'s ``--validate-every``) are drawn
+from ``seed + VALIDATION_SEED_OFFSET``: neither the training stream nor the test tasks."""
+SEED_OFFSETS = {"test": TEST_SEED_OFFSET, "train": VALIDATION_SEED_OFFSET}
 
 
 @dataclass
@@ -94,7 +97,8 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
                       lr: float | tuple[float, ...], seed: int, device: torch.device,
                       dtype: torch.dtype, chunk: int = 600, prox_lam: float | None = None,
                       group: distributed.Group = distributed.LOCAL,
-                      rule: InnerConfig | None = None, **overrides: Any) -> Scores:
+                      rule: InnerConfig | None = None, split: str = "test",
+                      **overrides: Any) -> Scores:
     """Per-task metric after 0..K steps of gradient descent on the inner loss.
 
     With ``prox_lam`` the steps descend iMAML's proximal inner objective
@@ -102,7 +106,8 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
     ``rule``: the inner optimizer and its settings (a run's ``config.inner``: a model
     trained with an inner Adam adapts with it); None: plain gradient steps.
 
-    Tasks are drawn from the test split with ``seed + TEST_SEED_OFFSET`` and
+    Tasks are drawn from the test split with ``seed + TEST_SEED_OFFSET`` (``split="train"``:
+    validation tasks, the training split with ``seed + VALIDATION_SEED_OFFSET``) and
     processed ``chunk`` at a time (all tasks of a chunk adapt as one batch): every
     ``theta`` evaluated with the same arguments sees the same tasks.
 
@@ -111,15 +116,15 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
     all ``n_tasks`` rows, in task order: the values of one process, up to round-off.
     """
     cfg = (rule or InnerConfig()).with_steps(steps, lr)
-    gen = torch.Generator().manual_seed(seed + TEST_SEED_OFFSET)
+    gen = torch.Generator().manual_seed(seed + SEED_OFFSETS[split])
     theta = P.to(P.detach(theta), device, dtype)
     rows, tasks = [], []
     extra_rows: dict[str, list[torch.Tensor]] = {}
     for start in range(0, n_tasks, chunk):
         threads.tick()
         T = min(chunk, n_tasks - start)
-        batch, n_mine = _test_share(family, T, gen, group, device=device, dtype=dtype,
-                                    **overrides)
+        batch, n_mine = _eval_share(family, T, gen, group, split=split, device=device,
+                                    dtype=dtype, **overrides)
         n = batch.n_tasks
         prox = (prox_lam, P.expand(theta, n)) if prox_lam else None
         _, vals, extra = score_while_adapting(batch, P.expand(theta, n), steps, cfg, prox=prox)
@@ -136,25 +141,26 @@ def adaptation_values(theta: Params, family: Family, *, n_tasks: int, steps: int
                   {name: torch.cat(r) for name, r in extra_rows.items()})
 
 
-def _test_share(family: Family, n: int, generator: torch.Generator, group: distributed.Group,
-                *, device: torch.device, dtype: torch.dtype,
+def _eval_share(family: Family, n: int, generator: torch.Generator, group: distributed.Group,
+                *, split: str, device: torch.device, dtype: torch.dtype,
                 **overrides: Any) -> tuple[TaskBatch, int]:
-    """This rank's share of ``n`` test tasks and how many of the batch's tasks are its own.
+    """This rank's share of ``n`` tasks of ``split`` and how many of the batch's tasks are
+    its own.
 
     Every rank draws all ``n`` (the generator stays in step). A rank whose share is empty
     (a last chunk smaller than the group) adapts the chunk's last task and keeps none of it,
     so that every rank runs the same calls. One process: the whole batch, as before.
     """
     if group.world == 1:
-        return family.sample_batch(n, generator, split="test", device=device, dtype=dtype,
+        return family.sample_batch(n, generator, split=split, device=device, dtype=dtype,
                                    **overrides), n
     share = group.share(n)
     mine = share.stop - share.start
     rows = share if mine > 0 else slice(n - 1, n)
     if isinstance(family, RLFamily):
-        return family.sample_batch(n, generator, split="test", device=device, dtype=dtype,
+        return family.sample_batch(n, generator, split=split, device=device, dtype=dtype,
                                    share=rows, **overrides), mine
-    batch = family.sample_batch(n, generator, split="test", device=device, dtype=dtype,
+    batch = family.sample_batch(n, generator, split=split, device=device, dtype=dtype,
                                 **overrides)
     if not isinstance(batch, SupportsSelect):
         raise ConfigError(f"family {family.name!r} returns {type(batch).__name__}, which cannot "
@@ -379,9 +385,12 @@ def eval_rates(run: Run, family: Family, lr: Sequence[float] | None) -> tuple[fl
     if lr and has_learned_lr(run.theta):
         raise ConfigError("this run learned its inner rates (--inner-learn-lr) and adapts with "
                           "them: drop --lr")
-    inner_lr = run.config.inner.lr
-    return tuple(lr) if lr else (family.defaults.eval.lr or (
-        inner_lr if isinstance(inner_lr, tuple) else (inner_lr,)))
+    return tuple(lr) if lr else test_rates(run.config.inner, family)
+
+
+def test_rates(inner: InnerConfig, family: Family) -> tuple[float, ...]:
+    """``family``'s test-time inner rates, else the training rates of ``inner``."""
+    return family.defaults.eval.lr or (inner.lr if isinstance(inner.lr, tuple) else (inner.lr,))
 
 
 def check_procs(run: Run, procs: int, *, n_tasks: int | None = None, baselines: bool = True,
@@ -434,6 +443,8 @@ def pretrained_baseline(run: Run, *, iterations: int, progress: Any = None) -> P
     they train it together (:func:`metarl.train.train` on their group, rank 0 writing
     the cache) and each reads the cache once rank 0 has written it.
     """
+    from metarl.train import train  # training validates with this module's adaptation_values
+
     group = distributed.current()
     # every rank decides from the same cache: all of them read it before any rewrites it
     cached = _cached_pretrained(run, iterations)

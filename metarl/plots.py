@@ -111,7 +111,8 @@ def training_curves(runs: Sequence[tuple[str, Sequence[dict[str, float]]]], keys
     """Logged metrics (``metrics.jsonl`` rows) versus meta-iteration or training time.
 
     Args:
-        runs: (label, rows) per run; a run's rows may lack some keys (drawn as gaps).
+        runs: (label, rows) per run; a run's rows may lack some keys (each key's line
+            joins the rows that have it: validation metrics logged every N iterations).
         keys: the metrics to draw, one line per run and key.
         x: ``"iteration"`` or ``"seconds"`` (drawn in minutes).
         smooth: trailing moving-average window in logged rows; above 1 the raw
@@ -119,9 +120,10 @@ def training_curves(runs: Sequence[tuple[str, Sequence[dict[str, float]]]], keys
     """
     fig, (ax,) = _axes()
     for label, rows in runs:
-        xs = [r[x] / 60 if x == "seconds" else r[x] for r in rows]
         for k in keys:
-            ys = [float(r.get(k, float("nan"))) for r in rows]
+            have = [r for r in rows if k in r]
+            xs = [r[x] / 60 if x == "seconds" else r[x] for r in have]
+            ys = [float(r[k]) for r in have]
             name = f"{label}: {k}" if len(runs) > 1 else k
             if smooth > 1:
                 (line,) = ax.plot(xs, moving_average(ys, smooth), label=f"{name} (mean of "

@@ -37,6 +37,7 @@ from metarl.types import (
     resolve_device,
     resolve_dtype,
 )
+from metarl.validation import BEST, Validator
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,7 @@ def check(cfg: TrainConfig, family: Family, out: Path, *, overwrite: bool = Fals
     if cfg.outer.optimizer == "trpo" and not isinstance(family, SupportsTRPO):
         raise ConfigError(f"outer optimizer 'trpo' is for RL families; family {cfg.family!r} "
                           "trains with --outer adam or sgd")
+    Validator.check(cfg, family, world)
     if cfg.task_chunk is not None and family.kind == "rl":
         raise ConfigError(f"--task-chunk splits supervised meta-batches; family {cfg.family!r} "
                           "samples its tasks as one batch: drop --task-chunk")
@@ -260,7 +262,7 @@ def trim_metrics(out: Path, iteration: int) -> float:
 
 def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
     if overwrite and not resume:
-        for name in (checkpoint.CHECKPOINT, METRICS, "config.json"):
+        for name in (checkpoint.CHECKPOINT, BEST, METRICS, "config.json"):
             (out / name).unlink(missing_ok=True)
         for kept in (out / KEPT_DIR).glob("iteration-*.pt"):
             kept.unlink()
@@ -296,8 +298,10 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
     group.barrier()
     g_init, g_tasks = seeds(cfg.seed)
     schedule = KLPenaltySchedule.of(cfg.inner)  # None: a fixed coefficient, or none
+    validator = (Validator(cfg, family, group=group, device=device, dtype=dtype)
+                 if cfg.validate.every else None)
     theta, outer, start = _start(cfg, family, out if resume else None, g_init, g_tasks,
-                                 group, device, dtype, schedule)
+                                 group, device, dtype, schedule, validator)
     logged = 0.0  # seconds of training before this run
     if group.is_main:
         logged = trim_metrics(out, start) if resume else 0.0
@@ -305,14 +309,16 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
 
     compute = meta_batch_grad(cfg, group, schedule)
 
-    def save(iteration: int) -> None:
+    def save(iteration: int, name: str = checkpoint.CHECKPOINT) -> None:
         if group.is_main:
-            checkpoint.save(out / checkpoint.CHECKPOINT,
+            checkpoint.save(out / name,
                             checkpoint.Run(theta=theta, config=cfg, iteration=iteration,
                                            optimizer=outer.state_dict(),
                                            task_rng=g_tasks.get_state(),
                                            kl_penalty=None if schedule is None
-                                           else schedule.eta))
+                                           else schedule.eta,
+                                           validation_best=None if validator is None
+                                           else validator.best))
 
     t0 = time.perf_counter()
     metrics: dict[str, float] = {}
@@ -333,11 +339,19 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
                 if schedule is not None:  # on every rank, from the whole meta-batch's KL
                     kl = group.task_mean_metrics({"kl": mg.extra["inner/kl"]}, batch.n_tasks)
                     schedule.update(kl["kl"])
-                show = it % max(1, min(cfg.log_every, 10)) == 0 or it == cfg.iterations
+                validated = validator is not None and validator.due(it)
+                show = (it % max(1, min(cfg.log_every, 10)) == 0 or it == cfg.iterations
+                        or validated)
                 if show or it % cfg.log_every == 0:
                     metrics = iteration_metrics(batch, mg, theta, group,
                                                 time.perf_counter() - t_it)
-                if it % cfg.log_every == 0 or it == cfg.iterations:
+                if validated:
+                    assert validator is not None
+                    found, improved = validator(theta, it)
+                    metrics.update(found)
+                    if improved:
+                        save(it, BEST)
+                if it % cfg.log_every == 0 or it == cfg.iterations or validated:
                     row = {"iteration": it, "seconds": round(logged + time.perf_counter() - t0, 3),
                            **metrics}
                     if log_file is not None:
@@ -370,11 +384,12 @@ def train(cfg: TrainConfig, out: str | Path, *, progress: Progress | None = None
 def _start(cfg: TrainConfig, family: Family, resume_from: Path | None,
            g_init: torch.Generator, g_tasks: torch.Generator, group: distributed.Group,
            device: torch.device, dtype: torch.dtype,
-           schedule: KLPenaltySchedule | None = None) -> tuple[Params, OuterOptimizer, int]:
+           schedule: KLPenaltySchedule | None = None, validator: Validator | None = None,
+           ) -> tuple[Params, OuterOptimizer, int]:
     """The meta-parameters, the outer optimizer and the last finished iteration a run
     starts from: fresh ones drawn with ``g_init``, or those of the checkpoint in
-    ``resume_from`` (``g_tasks`` then continues the checkpoint's task stream, and
-    ``schedule`` its inner KL coefficient)."""
+    ``resume_from`` (``g_tasks`` then continues the checkpoint's task stream,
+    ``schedule`` its inner KL coefficient and ``validator`` its best validation)."""
     run = checkpoint.load(resume_from) if resume_from is not None else None
     if run is None:
         theta = family.init_params(g_init, device, dtype)
@@ -390,6 +405,8 @@ def _start(cfg: TrainConfig, family: Family, resume_from: Path | None,
         outer.load_state_dict(run.optimizer)
     if schedule is not None and run.kl_penalty is not None:
         schedule.eta = run.kl_penalty
+    if validator is not None:
+        validator.best = run.validation_best
     return theta, outer, run.iteration
 
 
