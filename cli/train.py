@@ -142,7 +142,8 @@ def train(
             def progress(it: int, metrics: dict[str, float] | None) -> None:
                 if metrics is not None:
                     bar.update(task, m=_fmt(metrics))
-                    if not tty and (it % cfg.log_every == 0 or it == cfg.iterations):
+                    if main and not tty and (it % cfg.log_every == 0
+                                             or it == cfg.iterations):
                         err.print(f"[{it}/{cfg.iterations}] {_fmt(metrics)}", markup=False)
                 bar.update(task, completed=it)
 

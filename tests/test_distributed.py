@@ -60,6 +60,9 @@ def test_two_processes_train_the_same_parameters_as_one(tmp_path, algo):
     assert (one / "metrics.jsonl").read_text().count("\n") == 3  # rank 0 alone writes the log
     assert (two / "metrics.jsonl").read_text().count("\n") == 3
     assert "Traceback" not in r2.stderr
+    for it in (1, 2, 3):  # rank 0 alone prints the progress lines (--log-every 1)
+        assert r1.stderr.count(f"[{it}/3]") == 1
+        assert r2.stderr.count(f"[{it}/3]") == 1, r2.stderr
 
 
 def test_a_tasks_rows_do_not_depend_on_the_tasks_beside_it():
