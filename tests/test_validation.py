@@ -111,3 +111,26 @@ def test_a_resumed_run_validates_and_keeps_best_as_an_uninterrupted_one(tmp_path
 ])
 def test_wrong_validation_settings_get_one_line(tmp_path, args, fragments):
     one_line_error(run(*SIN, "--iterations", 2, *args, "--out", tmp_path / "r"), *fragments)
+
+
+def test_a_curve_of_a_key_some_rows_lack_joins_the_rows_that_have_it(tmp_path, monkeypatch):
+    """Validation metrics are logged every N iterations: their line in ``metarl curve``
+    runs through the validated iterations only, the other keys' through every row."""
+    from metarl import plots
+
+    drawn, save = {}, plots._save
+
+    def keep(fig, panels, path, title):
+        drawn.update({line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                      for line in panels[0].get_lines()})
+        return save(fig, panels, path, title)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    log = [{"iteration": i, "return/post": -10.0 + i} for i in range(1, 7)]
+    for r in log[1::3]:
+        r["validation/return_2"] = -5.0 + r["iteration"]
+    png = plots.training_curves([("run", log)], ["return/post", "validation/return_2"],
+                                tmp_path / "c.png")
+    assert png.is_file()
+    assert drawn["return/post"] == ([1, 2, 3, 4, 5, 6], [-9.0, -8.0, -7.0, -6.0, -5.0, -4.0])
+    assert drawn["validation/return_2"] == ([2, 5], [-3.0, 0.0])
