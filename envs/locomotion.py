@@ -37,7 +37,7 @@ import importlib
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gymnasium
@@ -182,6 +182,27 @@ def require_mujoco(what: str, module: str) -> Any:
                           f"{INSTALL_HINT}") from None
 
 
+def healthy_range(robot: Robot, value: Any) -> tuple[float, float]:
+    """``value`` as the ``[low, high]`` range of the root's z outside which ``robot``'s
+    episodes terminate; ValueError naming the expected form.
+
+    Raises:
+        ValueError: ``robot`` never terminates (no range to set), or ``value`` is not two
+            numbers ``low < high`` (``high`` may be ``Infinity``: only a fall ends it).
+    """
+    if robot.healthy_z is None:
+        raise ValueError(f"{robot.cls} never terminates, so it has no healthy_z_range: "
+                         "drop the option")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2 \
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value) \
+            or math.isnan(value[0]) or math.isnan(value[1]) or not value[0] < value[1]:
+        shown = list(value) if isinstance(value, tuple) else value
+        raise ValueError(f"healthy_z_range {shown!r} is not [low, high] with low < high "
+                         f"(the default is {list(robot.healthy_z)}; [0.2, Infinity] ends an "
+                         "episode only when the torso falls)")
+    return float(value[0]), float(value[1])
+
+
 class LocomotionEnv(gymnasium.Env[np.ndarray, np.ndarray]):
     """A Gymnasium MuJoCo v5 robot whose task sets what "forward" is rewarded.
 
@@ -202,7 +223,9 @@ class LocomotionEnv(gymnasium.Env[np.ndarray, np.ndarray]):
     reset draws one from the task distribution with the env's ``np_random``.
     The oracle variant (``oracle=True``) appends the task parameter to the
     observation. No rendering (``render_mode=None`` only). No horizon here:
-    ``gymnasium.make`` adds the 100-step ``TimeLimit``.
+    ``gymnasium.make`` adds the 100-step ``TimeLimit``. A robot that terminates (Ant)
+    takes ``healthy_z_range=[low, high]``, Gymnasium's option of that name: the range
+    of the torso's z outside which an episode ends (default ``robot.healthy_z``).
     """
 
     robot: Robot = HALF_CHEETAH
@@ -213,10 +236,14 @@ class LocomotionEnv(gymnasium.Env[np.ndarray, np.ndarray]):
     """The simulation's torque box (v5's, ``[-1, 1]`` per actuator)."""
 
     def __init__(self, task: Mapping[str, Any] | None = None, oracle: bool = False,
-                 render_mode: str | None = None) -> None:
+                 render_mode: str | None = None,
+                 healthy_z_range: Sequence[float] | None = None) -> None:
         if render_mode is not None:
             raise ValueError(f"{type(self).__name__} has no render modes, got "
                              f"render_mode={render_mode!r}: pass render_mode=None")
+        if healthy_z_range is not None:  # this instance's robot, the class's left as it is
+            self.robot = replace(self.robot, healthy_z=healthy_range(self.robot,
+                                                                     healthy_z_range))
         module = require_mujoco(f"environment {type(self).__name__}", self.robot.module)
         self.sim = getattr(module, self.robot.cls)()
         self.render_mode = render_mode
@@ -458,14 +485,20 @@ class LocomotionSlots:
         env_cls: the environment class (e.g. :class:`HalfCheetahVelEnv`).
         oracle: append the task parameter to the observation.
         horizon: truncation horizon (steps).
+        healthy_z_range: the environments' ``healthy_z_range`` (None: the robot's).
     """
 
     def __init__(self, env_cls: type[LocomotionEnv], oracle: bool = False,
-                 horizon: int = HORIZON) -> None:
+                 horizon: int = HORIZON,
+                 healthy_z_range: Sequence[float] | None = None) -> None:
         require_mujoco(f"environment {env_cls.__name__}", env_cls.robot.module)
         import mujoco
 
         self.env_cls, self.oracle, self.horizon = env_cls, bool(oracle), int(horizon)
+        self.healthy_z_range = healthy_z_range
+        self.robot = (env_cls.robot if healthy_z_range is None else
+                      replace(env_cls.robot, healthy_z=healthy_range(env_cls.robot,
+                                                                     healthy_z_range)))
         self._mj_step, self._rne = mujoco.mj_step, mujoco.mj_rnePostConstraint
         self.envs: list[LocomotionEnv] = []
         self._obs = np.zeros((0, 0))  # [n, obs]
@@ -484,7 +517,8 @@ class LocomotionSlots:
             env.close()
         del self.envs[n:]
         while len(self.envs) < n:
-            self.envs.append(self.env_cls(oracle=self.oracle))
+            self.envs.append(self.env_cls(oracle=self.oracle,
+                                          healthy_z_range=self.healthy_z_range))
         first = [env.reset(seed=int(seed), options={"task": dict(task)})[0]
                  for env, task, seed in zip(self.envs, tasks, seeds)]
         self._obs = np.stack(first) if n else np.zeros((0, 0))
@@ -512,7 +546,7 @@ class LocomotionSlots:
         rewards = np.zeros(len(self.envs))  # [n]
         if not idx:
             return self._obs.copy(), rewards, self._done.copy()
-        contact = bool(self.env_cls.robot.contact_cost_weight)
+        contact = bool(self.robot.contact_cost_weight)
         models, datas, ctrl = self._models, self._datas, self._ctrl
         mj_step, rne, frame_skip = self._mj_step, self._rne, self.envs[0].sim.frame_skip
         for k in idx:
@@ -527,7 +561,7 @@ class LocomotionSlots:
 
         qpos = gather(self._qpos)  # [n_live, nq]
         obs, reward, terminated, _, _ = outcome(
-            self.env_cls.robot, self.env_cls.task_key, self._param[live], self._x[live],
+            self.robot, self.env_cls.task_key, self._param[live], self._x[live],
             self.envs[0].dt, qpos, gather(self._qvel),
             gather(self._cfrc) if contact else np.zeros((n_live, 0, 6)), a[live], self.oracle)
         self._t += 1
@@ -571,6 +605,9 @@ class LocomotionFamily(RLFamily):
         oracle_run: a run folder or checkpoint of such an oracle policy; then
             :meth:`oracle_returns` is its average return on the given tasks (the
             oracle line of ``metarl evaluate``). None: no oracle line.
+        healthy_z_range: Ant only: ``[low, high]``, the range of the torso's z outside
+            which an episode terminates (default ``[0.2, 1.0]``, Gymnasium's and
+            rllab's; ``[0.2, Infinity]`` lets a torso that jumps go on).
         **options: the options of :class:`~metarl.rl.family.RLFamily` (``rollouts``,
             ``horizon`` (default 100), ``workers``, ...).
 
@@ -590,13 +627,19 @@ class LocomotionFamily(RLFamily):
     defaults = LOCOMOTION_DEFAULTS
 
     def __init__(self, oracle: bool = False, oracle_run: str | None = None,
-                 **options: Any) -> None:
+                 healthy_z_range: tuple[float, float] | None = None, **options: Any) -> None:
         env_cls = ENV_CLASSES[self.env_stem]
         require_mujoco(f"family {self.name!r}", env_cls.robot.module)
         super().__init__(**options)
         self.env_cls = env_cls
         self.oracle = bool(oracle)
         self.oracle_run = None if oracle_run is None else str(oracle_run)
+        self.healthy_z_range: tuple[float, float] | None = None
+        if healthy_z_range is not None:
+            try:
+                self.healthy_z_range = healthy_range(env_cls.robot, healthy_z_range)
+            except ValueError as e:
+                raise ConfigError(f"family {self.name!r}: {e}") from None
 
     @property
     def env_id(self) -> str:
@@ -607,10 +650,13 @@ class LocomotionFamily(RLFamily):
         return self.env_cls.sample_tasks(n, rng)
 
     def make_env(self, task: Mapping[str, Any]) -> gymnasium.Env:
-        return gymnasium.make(self.env_id, task=task, max_episode_steps=self.rl.horizon)
+        extra: dict[str, Any] = ({} if self.healthy_z_range is None
+                                 else {"healthy_z_range": self.healthy_z_range})
+        return gymnasium.make(self.env_id, task=task, max_episode_steps=self.rl.horizon, **extra)
 
     def slots_factory(self) -> Callable[[], LocomotionSlots]:
-        return functools.partial(LocomotionSlots, self.env_cls, self.oracle, self.rl.horizon)
+        return functools.partial(LocomotionSlots, self.env_cls, self.oracle, self.rl.horizon,
+                                 self.healthy_z_range)
 
     def batch_env(self, device: torch.device, dtype: torch.dtype) -> WorkerBatchEnv:
         """:class:`LocomotionSlots` in this process (``workers=0``) or split over ``workers``
@@ -623,10 +669,14 @@ class LocomotionFamily(RLFamily):
         return {key: int(value) if key == "direction" else value}
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "oracle": self.oracle, "oracle_run": self.oracle_run}
+        z = {} if self.healthy_z_range is None else {"healthy_z_range": list(self.healthy_z_range)}
+        return {**super().options(), "oracle": self.oracle, "oracle_run": self.oracle_run, **z}
 
     def describe(self) -> str:
         lines = [super().describe(), f"environments: {self.env_id}", RLLAB_DIFFERENCES]
+        if self.healthy_z_range is not None:
+            low, high = self.healthy_z_range
+            lines.append(f"episodes end when the torso's z leaves [{low:g}, {high:g}]")
         if self.oracle_run:
             lines.append(f"oracle line: the policy of {self.oracle_run}")
         return "\n".join(lines)
@@ -661,7 +711,7 @@ class LocomotionFamily(RLFamily):
                     f"{self.name} --family-opt oracle=true --inner-steps 0)")
             theta = run.theta
         opts.update(oracle_run=None, rollouts=self.rl.rollouts, horizon=self.rl.horizon,
-                    workers=self.workers)
+                    workers=self.workers, healthy_z_range=self.healthy_z_range)
         oracle = type(self)(**opts)
         batch = oracle.batch_for(tasks, ORACLE_SEED, device=device, dtype=dtype)
         theta_T = P.expand(P.to(theta, device, dtype), len(tasks))

@@ -377,8 +377,12 @@ def _made_up(hint: Any, word: str = "TEXT") -> Any:
     container = origin or hint
     if container in _SEQUENCES:
         if container is tuple and args and args[-1] is not Ellipsis:
-            return [_made_up(a, word) for a in args]
-        return [_made_up(args[0], word)] * 2 if args else []
+            items = [_made_up(a, word) for a in args]
+        else:
+            items = [_made_up(args[0], word)] * 2 if args else []
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            items = [v + i for i, v in enumerate(items)]  # increasing: a range reads right
+        return items
     if container in _MAPPINGS:
         return {}
     return "..."

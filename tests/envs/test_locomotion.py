@@ -143,6 +143,41 @@ def test_ant_terminates_when_torso_leaves_healthy_range():
     assert terminated and info["reward_survive"] == 0.0
 
 
+def test_healthy_z_range_sets_where_an_ant_episode_ends():
+    """``--family-opt healthy_z_range=[low, high]``: a torso above 1.0 goes on under
+    [0.2, Infinity] and ends under [0.2, 1.0], in the registered environment and in the
+    sampler's slots alike; the family carries the option in its options."""
+    def lifted(fam):
+        env = fam.make_env({"direction": 1})
+        env.reset(seed=0)
+        sim = env.unwrapped.sim
+        qpos = sim.data.qpos.copy()
+        qpos[2] = 1.5
+        sim.set_state(qpos, sim.data.qvel.copy())
+        _, _, terminated, _, info = env.step(np.zeros(8, dtype=np.float32))
+        slots = fam.slots_factory()()
+        slots.reset([{"direction": 1}], [0])
+        sim = slots.envs[0].sim
+        sim.set_state(qpos, sim.data.qvel.copy())
+        _, reward, done = slots.step(np.zeros((1, 8), dtype=np.float32))
+        return terminated, info["reward_survive"], bool(done[0])
+
+    free = families.make("ant-dir", healthy_z_range=[0.2, float("inf")])
+    assert lifted(free) == (False, 0.05, False)
+    assert lifted(families.make("ant-dir")) == (True, 0.0, True)
+    assert free.options()["healthy_z_range"] == [0.2, float("inf")]
+    assert "healthy_z_range" not in families.make("ant-dir").options()
+    again = families.make("ant-dir", **free.options())
+    assert again.healthy_z_range == (0.2, float("inf"))
+    with pytest.raises(ConfigError, match=r"healthy_z_range \[1.0, 0.5\] is not \[low, high\]"):
+        families.make("ant-vel", healthy_z_range=[1.0, 0.5])
+    with pytest.raises(ConfigError, match="never terminates, so it has no healthy_z_range"):
+        families.make("halfcheetah-dir", healthy_z_range=[0.2, 1.0])
+    with pytest.raises(ConfigError,
+                       match=r"expected a list of 2 items .* healthy_z_range=\[0.5,1.5\]"):
+        families.make("ant-dir", healthy_z_range="high")
+
+
 @pytest.mark.parametrize("cls", [loco.HalfCheetahVelEnv, loco.AntDirEnv])
 def test_batched_slots_equal_the_gymnasium_env(cls):
     """The sampler's fast path steps exactly as the registered environment, including an
