@@ -46,7 +46,8 @@ def evaluate(
     data: Annotated[Optional[list[Path]], typer.Option(help="Meta-test on another data set (repeatable), all of whose classes are test classes, e.g. Omniglot's images_evaluation.zip after training on images_background.zip.")] = None,
     rollouts: Annotated[Optional[int], typer.Option(min=1, help="RL: trajectories per task for each adaptation step and score (the published navigation protocol used 20-40). \\[default: the run's]")] = None,
     family_opt: Annotated[Optional[list[str]], typer.Option(help=FAMILY_OPT_HELP)] = None,
-    seed: Annotated[int, typer.Option(help="Test seed; test tasks never come from the training stream.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Test seed; test tasks never come from the training stream. \\[default: 0]")] = None,
+    validation: Annotated[bool, typer.Option("--validation", help="Adapt on the validation tasks of `metarl train --validate-every` instead of the test tasks (held-out tasks of the training split, from the run's seed), with the run's validation tasks, steps and rollouts unless given: the curve is the validation row the checkpoint's iteration logged. No baselines.")] = False,
     device: Annotated[Device, typer.Option(help=DEVICE_HELP)] = Device.auto,
     baselines: Annotated[bool, typer.Option(help="Also evaluate the family's baselines (RL: random init, pretrained, oracle).")] = True,
     proximal: Annotated[bool, typer.Option(help="iMAML models adapt on their proximal objective L + lam/2 |phi - theta|^2, as in training; --no-proximal uses plain gradient steps.")] = True,
@@ -79,23 +80,35 @@ def evaluate(
         if unknown:
             raise UserError(f"unknown --baseline {unknown[0]!r}: use ppo (random init, "
                             "pretrained and the oracle come with --baselines)")
+        if validation and seed is not None:
+            raise UserError("--validation adapts on the run's validation tasks, drawn from its "
+                            "training seed: drop --seed")
         options = parse_options(family_opt)
-        if rollouts:
+        if rollouts and not validation:  # --validation: an override of the run's own
             options["rollouts"] = rollouts
         if data:
             options["eval_data"] = [str(p) for p in data]
         run_ = checkpoint.load(run).with_family_options(options)
-        overrides = {k: v for k, v in (("shots", shots), ("query", query)) if v is not None}
+        overrides: dict[str, Any] = {k: v for k, v in (("shots", shots), ("query", query))
+                                     if v is not None}
+        if validation and rollouts:
+            overrides["rollouts"] = rollouts
+        if baseline and validation:
+            raise UserError("--baseline ppo trains on test tasks; --validation adapts on "
+                            "validation tasks: drop one of them")
         if baseline:
             check_ppo_baseline(run_, steps)  # before the evaluation, not after it
         if procs is not None and procs > 1 and not distributed.launched():
-            check_procs(run_, procs, n_tasks=tasks, baselines=baselines, pretrained=pretrained,
+            check_procs(run_, procs,
+                        n_tasks=tasks or (run_.config.validate.tasks if validation else None),
+                        baselines=baselines and not validation, pretrained=pretrained,
                         pretrain_iterations=pretrain_iterations)
             if port is not None:
                 distributed.check_port(port)
             args = rank_args(run, tasks=tasks, steps=steps, lr=lr, shots=shots, query=query,
                              data=data, rollouts=rollouts, family_opt=family_opt, seed=seed,
-                             device=device, baselines=baselines, proximal=proximal,
+                             validation=validation or None, device=device, baselines=baselines,
+                             proximal=proximal,
                              pretrained=pretrained, pretrain_iterations=pretrain_iterations,
                              threads=threads, json=json_path, baseline=baseline,
                              ppo_steps=ppo_steps, ppo_tasks=ppo_tasks, ppo_plot=ppo_plot,
@@ -103,22 +116,23 @@ def evaluate(
             _launch(args, procs=procs, port=port, threads=threads)
             return
         ev = evaluate_checkpoint(run_, n_tasks=tasks, steps=steps, lr=tuple(lr) if lr else None,
-                                 seed=seed, device=device.value, baselines=baselines,
+                                 seed=seed or 0, device=device.value, baselines=baselines,
                                  pretrained=pretrained, pretrain_iterations=pretrain_iterations,
                                  proximal=proximal, notify=lambda m: err.print(m, markup=False),
-                                 **overrides)
+                                 validation=validation, **overrides)
         main = distributed.current().is_main
         distributed.shutdown()  # the collectives are over (no-op for one process)
         if not main:
             return  # rank 0 prints and writes
         curves = [ev.curve, *ev.baselines]
+        which = "validation" if validation else "test"
         digits = decimals([v for c in curves for v in c.ci95])
         out.print(curve_table(f"{ev.family} / {ev.algo}: {ev.metric} after k adaptation steps "
-                              f"({ev.curve.n_tasks} test tasks, mean +- 95% CI)", curves, digits))
+                              f"({ev.curve.n_tasks} {which} tasks, mean +- 95% CI)", curves, digits))
         extra = ev.extra_metrics()  # e.g. Meta-World's success rate, in the same layout
         for name, extra_curves in extra.items():
             out.print(curve_table(f"{ev.family} / {ev.algo}: {name} after k adaptation steps "
-                                  f"({ev.curve.n_tasks} test tasks, mean +- 95% CI)",
+                                  f"({ev.curve.n_tasks} {which} tasks, mean +- 95% CI)",
                                   extra_curves, decimals([v for c in extra_curves for v in c.ci95])))
         for label, y in ev.hlines.items():
             out.print(f"{label}: {y:.{digits}f}")
@@ -126,7 +140,7 @@ def evaluate(
         if gap is not None:
             out.print("fraction of the gap to the oracle closed after k steps: "
                       + ", ".join(f"k={j}: {g:.2f}" for j, g in enumerate(gap) if j))
-        ppo = ppo_baseline(run_, ev, steps=ppo_steps, n_tasks=ppo_tasks, seed=seed,
+        ppo = ppo_baseline(run_, ev, steps=ppo_steps, n_tasks=ppo_tasks, seed=seed or 0,
                            plot=ppo_plot) if baseline else None
         if json_path:
             text = json.dumps({**ev.to_json(), **({"ppo_baseline": ppo.to_json()} if ppo else {})},

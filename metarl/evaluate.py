@@ -304,9 +304,14 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
                         chunk: int | None = None, baselines: bool = True,
                         pretrained: str | Path | None = None,
                         pretrain_iterations: int | None = None, proximal: bool = True,
-                        notify: Callable[[str], None] | None = None,
+                        notify: Callable[[str], None] | None = None, validation: bool = False,
                         **overrides: Any) -> Evaluation:
     """Meta-test the parameters of a checkpoint on fresh test tasks.
+
+    ``validation``: adapt on the validation tasks of ``metarl train --validate-every``
+    instead (the training split's held-out tasks, drawn from the run's own seed; ``seed``
+    is then unused): with the run's validation settings (tasks, steps, rollouts) as the
+    defaults, the curve is the validation row that iteration logged. No baselines then.
 
     Defaults (tasks, steps, test-time inner lr) come from the family; a model
     trained with more inner steps than the family's test default is tested
@@ -330,13 +335,24 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
             batch sizes (``shots``, ``query``) given for an RL family.
     """
     family = run.family()
-    if overrides and family.kind == "rl":
-        names, verb = " and ".join(sorted(overrides)), "is" if len(overrides) == 1 else "are"
+    sizes = sorted(k for k in overrides if k != "rollouts")
+    if sizes and family.kind == "rl":
+        names, verb = " and ".join(sizes), "is" if len(sizes) == 1 else "are"
         raise ConfigError(f"{names} (support and query sizes) {verb} for supervised families; "
                           f"family {family.name!r} is RL: set the "
                           "trajectories per adaptation step with rollouts (--rollouts)")
+    if "rollouts" in overrides and family.kind != "rl":
+        raise ConfigError(f"rollouts (trajectories per adaptation step) are for RL families; "
+                          f"family {family.name!r} is supervised: set shots and query instead")
     d = family.defaults.eval
     cfg = run.config
+    if validation:
+        v = cfg.validate
+        n_tasks = n_tasks if n_tasks is not None else v.tasks
+        steps = steps if steps is not None else v.steps
+        if v.rollouts is not None and family.kind == "rl":
+            overrides.setdefault("rollouts", v.rollouts)
+        seed, baselines = cfg.seed, False
     n = n_tasks if n_tasks is not None else d.tasks
     k = steps if steps is not None else max(d.steps, cfg.inner.steps)
     rates = eval_rates(run, family, lr)
@@ -347,14 +363,15 @@ def evaluate_checkpoint(run: Run, *, n_tasks: int | None = None, steps: int | No
                 pretrain_iterations=pretrain_iterations)
     common: dict[str, Any] = dict(n_tasks=n, steps=k, lr=tuple(rates), seed=seed, device=dev,
                                   dtype=dtype, chunk=chunk or family.eval_chunk, group=group,
-                                  rule=cfg.inner, **overrides)
+                                  rule=cfg.inner, split="train" if validation else "test",
+                                  **overrides)
     prox_lam = cfg.imaml.lam if cfg.algo == "imaml" and proximal else None
     scores = adaptation_values(run.theta, family, prox_lam=prox_lam, **common)
     result = Evaluation(family=family.name, algo=cfg.algo, metric=family.metric,
                         curve=scores.curve(cfg.algo),
                         settings={"n_tasks": n, "steps": k,
                                   "lr": "learned" if has_learned_lr(run.theta) else list(rates),
-                                  "seed": seed,
+                                  "seed": seed, "tasks": "validation" if validation else "test",
                                   "proximal_lam": prox_lam, "inner_optimizer": cfg.inner.optimizer,
                                   "family_options": family.options(),
                                   **overrides})

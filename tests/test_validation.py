@@ -134,3 +134,35 @@ def test_a_curve_of_a_key_some_rows_lack_joins_the_rows_that_have_it(tmp_path, m
     assert png.is_file()
     assert drawn["return/post"] == ([1, 2, 3, 4, 5, 6], [-9.0, -8.0, -7.0, -6.0, -5.0, -4.0])
     assert drawn["validation/return_2"] == ([2, 5], [-3.0, 0.0])
+
+
+def test_evaluate_validation_reproduces_the_logged_rows(tmp_path):
+    """``metarl evaluate CKPT --validation`` adapts on the run's validation tasks (its own
+    seed, tasks, steps and rollouts): its curve is the row that iteration logged; given
+    --rollouts it samples those instead, and it refuses --seed and --baseline ppo."""
+    out = tmp_path / "nav"
+    r = run(*NAV, "--seed", 3, "--iterations", 4, "--validate-every", 2, "--validate-tasks", 3,
+            "--validate-steps", 1, "--validate-rollouts", 4, "--out", out)
+    assert r.exit_code == 0, r.output
+    val = validated(out)
+    best = checkpoint.load(out / BEST).iteration
+    for ckpt, it in ((out / BEST, best), (out, 4)):
+        js = tmp_path / f"val-{it}.json"
+        r = run("evaluate", ckpt, "--validation", "--threads", 1, "--device", "cpu",
+                "--json", js)
+        assert r.exit_code == 0, r.output
+        assert "3 validation tasks" in r.output
+        ev = json.loads(js.read_text())
+        assert ev["n_tasks"] == 3 and ev["steps"] == [0, 1] and "baselines" not in ev
+        assert ev["mean"] == pytest.approx([val[it]["validation/return_0"],
+                                            val[it]["validation/return_1"]], rel=1e-6)
+    js = tmp_path / "more.json"
+    assert run("evaluate", out, "--validation", "--rollouts", 6, "--threads", 1, "--device",
+               "cpu", "--json", js).exit_code == 0
+    assert json.loads(js.read_text())["mean"][1] != pytest.approx(val[4]["validation/return_1"])
+    test = tmp_path / "test.json"
+    assert run("evaluate", out, "--tasks", 3, "--steps", 1, "--no-baselines", "--threads", 1,
+               "--device", "cpu", "--json", test).exit_code == 0
+    assert json.loads(test.read_text())["mean"][1] != pytest.approx(val[4]["validation/return_1"])
+    one_line_error(run("evaluate", out, "--validation", "--seed", 1), "drop --seed")
+    one_line_error(run("evaluate", out, "--validation", "--baseline", "ppo"), "--validation")
