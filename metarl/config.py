@@ -85,9 +85,11 @@ class ValidationConfig:
     does not depend on stopping it at the right iteration."""
 
     every: int = 0
-    """Validate every this many iterations (and after the last), logging the metric after
-    each adaptation step (validation/METRIC_K in metrics.jsonl) and keeping the best
-    meta-parameters by the metric after the last step as best.pt; 0: never."""
+    """Validate every this many iterations (and after the last of each command: a run
+    stopped at another iteration and resumed has that one validated too, and it may be
+    the best), logging the metric after each adaptation step (validation/METRIC_K in
+    metrics.jsonl) and keeping the best meta-parameters by the metric after the last
+    step as best.pt; 0: never."""
     tasks: int | None = None
     """Validation tasks: fresh tasks of the training split, the same at every validation
     and never the training stream's or the test split's. None: the family's test count."""
