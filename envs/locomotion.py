@@ -94,6 +94,9 @@ class Robot:
     contact_cost_weight: float = 0.0
     """``reward_contact = -w * sum(clip(cfrc_ext, -1, 1)^2)``, and the clipped contact
     forces of every body but the world end the observation (as Ant-v5); 0: neither."""
+    cfrc_in_obs: bool = True
+    """With a contact cost: whether the contact forces end the observation (Gymnasium's
+    ``include_cfrc_ext_in_observation``)."""
     healthy_z: tuple[float, float] | None = None
     """The episode terminates when the root's z (``qpos[2]``) leaves this range or the
     state is not finite; None: never terminates."""
@@ -150,7 +153,8 @@ def outcome(robot: Robot, task_key: str, param: np.ndarray, x_before: np.ndarray
         forces = np.clip(cfrc_ext, -1.0, 1.0)  # [n, nbody, 6]
         terms["reward_contact"] = -robot.contact_cost_weight * np.sum(
             np.square(forces).reshape(n, -1), axis=1)
-        parts.append(forces[:, 1:].reshape(n, -1))
+        if robot.cfrc_in_obs:
+            parts.append(forces[:, 1:].reshape(n, -1))
     terminated = np.zeros(n, dtype=bool)  # [n]
     if robot.healthy_z is not None:
         low, high = robot.healthy_z
@@ -203,6 +207,24 @@ def healthy_range(robot: Robot, value: Any) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
+def configured(robot: Robot, healthy_z_range: Sequence[float] | None = None,
+               include_cfrc_ext_in_observation: bool | None = None) -> Robot:
+    """``robot`` with Gymnasium's options of these names set (None: as it is).
+
+    Raises:
+        ValueError: a bad range (:func:`healthy_range`), or an option ``robot`` lacks (it
+            never terminates; it has no contact forces).
+    """
+    if healthy_z_range is not None:
+        robot = replace(robot, healthy_z=healthy_range(robot, healthy_z_range))
+    if include_cfrc_ext_in_observation is not None:
+        if not robot.contact_cost_weight:
+            raise ValueError(f"{robot.cls} observes no contact forces, so it has no "
+                             "include_cfrc_ext_in_observation: drop the option")
+        robot = replace(robot, cfrc_in_obs=bool(include_cfrc_ext_in_observation))
+    return robot
+
+
 class LocomotionEnv(gymnasium.Env[np.ndarray, np.ndarray]):
     """A Gymnasium MuJoCo v5 robot whose task sets what "forward" is rewarded.
 
@@ -223,9 +245,11 @@ class LocomotionEnv(gymnasium.Env[np.ndarray, np.ndarray]):
     reset draws one from the task distribution with the env's ``np_random``.
     The oracle variant (``oracle=True``) appends the task parameter to the
     observation. No rendering (``render_mode=None`` only). No horizon here:
-    ``gymnasium.make`` adds the 100-step ``TimeLimit``. A robot that terminates (Ant)
-    takes ``healthy_z_range=[low, high]``, Gymnasium's option of that name: the range
-    of the torso's z outside which an episode ends (default ``robot.healthy_z``).
+    ``gymnasium.make`` adds the 100-step ``TimeLimit``. Ant takes two of Gymnasium's
+    options: ``healthy_z_range=[low, high]``, the range of the torso's z outside which
+    an episode ends (default ``robot.healthy_z``), and
+    ``include_cfrc_ext_in_observation`` (default True: the 78 clipped contact forces
+    end the observation; False: 27 dims, the contact cost still charged).
     """
 
     robot: Robot = HALF_CHEETAH
@@ -237,15 +261,17 @@ class LocomotionEnv(gymnasium.Env[np.ndarray, np.ndarray]):
 
     def __init__(self, task: Mapping[str, Any] | None = None, oracle: bool = False,
                  render_mode: str | None = None,
-                 healthy_z_range: Sequence[float] | None = None) -> None:
+                 healthy_z_range: Sequence[float] | None = None,
+                 include_cfrc_ext_in_observation: bool | None = None) -> None:
         if render_mode is not None:
             raise ValueError(f"{type(self).__name__} has no render modes, got "
                              f"render_mode={render_mode!r}: pass render_mode=None")
-        if healthy_z_range is not None:  # this instance's robot, the class's left as it is
-            self.robot = replace(self.robot, healthy_z=healthy_range(self.robot,
-                                                                     healthy_z_range))
+        # this instance's robot; the class's is left as it is
+        self.robot = configured(self.robot, healthy_z_range, include_cfrc_ext_in_observation)
         module = require_mujoco(f"environment {type(self).__name__}", self.robot.module)
-        self.sim = getattr(module, self.robot.cls)()
+        sim_options = ({} if self.robot.cfrc_in_obs or not self.robot.contact_cost_weight
+                       else {"include_cfrc_ext_in_observation": False})
+        self.sim = getattr(module, self.robot.cls)(**sim_options)
         self.render_mode = render_mode
         self.dt = float(self.sim.dt)
         self.oracle = bool(oracle)
@@ -485,20 +511,19 @@ class LocomotionSlots:
         env_cls: the environment class (e.g. :class:`HalfCheetahVelEnv`).
         oracle: append the task parameter to the observation.
         horizon: truncation horizon (steps).
-        healthy_z_range: the environments' ``healthy_z_range`` (None: the robot's).
+        robot_options: the environments' ``healthy_z_range`` and
+            ``include_cfrc_ext_in_observation`` (:class:`LocomotionEnv`; absent: the
+            robot's).
     """
 
     def __init__(self, env_cls: type[LocomotionEnv], oracle: bool = False,
-                 horizon: int = HORIZON,
-                 healthy_z_range: Sequence[float] | None = None) -> None:
+                 horizon: int = HORIZON, **robot_options: Any) -> None:
         require_mujoco(f"environment {env_cls.__name__}", env_cls.robot.module)
         import mujoco
 
         self.env_cls, self.oracle, self.horizon = env_cls, bool(oracle), int(horizon)
-        self.healthy_z_range = healthy_z_range
-        self.robot = (env_cls.robot if healthy_z_range is None else
-                      replace(env_cls.robot, healthy_z=healthy_range(env_cls.robot,
-                                                                     healthy_z_range)))
+        self.robot_options = robot_options
+        self.robot = configured(env_cls.robot, **robot_options)
         self._mj_step, self._rne = mujoco.mj_step, mujoco.mj_rnePostConstraint
         self.envs: list[LocomotionEnv] = []
         self._obs = np.zeros((0, 0))  # [n, obs]
@@ -517,8 +542,7 @@ class LocomotionSlots:
             env.close()
         del self.envs[n:]
         while len(self.envs) < n:
-            self.envs.append(self.env_cls(oracle=self.oracle,
-                                          healthy_z_range=self.healthy_z_range))
+            self.envs.append(self.env_cls(oracle=self.oracle, **self.robot_options))
         first = [env.reset(seed=int(seed), options={"task": dict(task)})[0]
                  for env, task, seed in zip(self.envs, tasks, seeds)]
         self._obs = np.stack(first) if n else np.zeros((0, 0))
@@ -608,6 +632,9 @@ class LocomotionFamily(RLFamily):
         healthy_z_range: Ant only: ``[low, high]``, the range of the torso's z outside
             which an episode terminates (default ``[0.2, 1.0]``, Gymnasium's and
             rllab's; ``[0.2, Infinity]`` lets a torso that jumps go on).
+        include_cfrc_ext_in_observation: Ant only: False leaves the 78 clipped contact
+            forces out of the observation (27 dims instead of 105; the contact cost is
+            still charged); None: Gymnasium v5's default, True.
         **options: the options of :class:`~metarl.rl.family.RLFamily` (``rollouts``,
             ``horizon`` (default 100), ``workers``, ...).
 
@@ -627,19 +654,24 @@ class LocomotionFamily(RLFamily):
     defaults = LOCOMOTION_DEFAULTS
 
     def __init__(self, oracle: bool = False, oracle_run: str | None = None,
-                 healthy_z_range: tuple[float, float] | None = None, **options: Any) -> None:
+                 healthy_z_range: tuple[float, float] | None = None,
+                 include_cfrc_ext_in_observation: bool | None = None, **options: Any) -> None:
         env_cls = ENV_CLASSES[self.env_stem]
         require_mujoco(f"family {self.name!r}", env_cls.robot.module)
         super().__init__(**options)
         self.env_cls = env_cls
         self.oracle = bool(oracle)
         self.oracle_run = None if oracle_run is None else str(oracle_run)
-        self.healthy_z_range: tuple[float, float] | None = None
+        try:
+            robot = configured(env_cls.robot, healthy_z_range, include_cfrc_ext_in_observation)
+        except ValueError as e:
+            raise ConfigError(f"family {self.name!r}: {e}") from None
+        self.robot_options: dict[str, Any] = {}
+        """The robot options set (Gymnasium's names), as :class:`LocomotionEnv` takes them."""
         if healthy_z_range is not None:
-            try:
-                self.healthy_z_range = healthy_range(env_cls.robot, healthy_z_range)
-            except ValueError as e:
-                raise ConfigError(f"family {self.name!r}: {e}") from None
+            self.robot_options["healthy_z_range"] = robot.healthy_z
+        if include_cfrc_ext_in_observation is not None:
+            self.robot_options["include_cfrc_ext_in_observation"] = robot.cfrc_in_obs
 
     @property
     def env_id(self) -> str:
@@ -650,13 +682,12 @@ class LocomotionFamily(RLFamily):
         return self.env_cls.sample_tasks(n, rng)
 
     def make_env(self, task: Mapping[str, Any]) -> gymnasium.Env:
-        extra: dict[str, Any] = ({} if self.healthy_z_range is None
-                                 else {"healthy_z_range": self.healthy_z_range})
-        return gymnasium.make(self.env_id, task=task, max_episode_steps=self.rl.horizon, **extra)
+        return gymnasium.make(self.env_id, task=task, max_episode_steps=self.rl.horizon,
+                              **self.robot_options)
 
     def slots_factory(self) -> Callable[[], LocomotionSlots]:
         return functools.partial(LocomotionSlots, self.env_cls, self.oracle, self.rl.horizon,
-                                 self.healthy_z_range)
+                                 **self.robot_options)
 
     def batch_env(self, device: torch.device, dtype: torch.dtype) -> WorkerBatchEnv:
         """:class:`LocomotionSlots` in this process (``workers=0``) or split over ``workers``
@@ -669,14 +700,17 @@ class LocomotionFamily(RLFamily):
         return {key: int(value) if key == "direction" else value}
 
     def options(self) -> dict[str, Any]:
-        z = {} if self.healthy_z_range is None else {"healthy_z_range": list(self.healthy_z_range)}
-        return {**super().options(), "oracle": self.oracle, "oracle_run": self.oracle_run, **z}
+        robot = {k: list(v) if isinstance(v, tuple) else v for k, v in self.robot_options.items()}
+        return {**super().options(), "oracle": self.oracle, "oracle_run": self.oracle_run,
+                **robot}
 
     def describe(self) -> str:
         lines = [super().describe(), f"environments: {self.env_id}", RLLAB_DIFFERENCES]
-        if self.healthy_z_range is not None:
-            low, high = self.healthy_z_range
+        if "healthy_z_range" in self.robot_options:
+            low, high = self.robot_options["healthy_z_range"]
             lines.append(f"episodes end when the torso's z leaves [{low:g}, {high:g}]")
+        if self.robot_options.get("include_cfrc_ext_in_observation") is False:
+            lines.append("the contact forces are left out of the observation")
         if self.oracle_run:
             lines.append(f"oracle line: the policy of {self.oracle_run}")
         return "\n".join(lines)
@@ -711,7 +745,8 @@ class LocomotionFamily(RLFamily):
                     f"{self.name} --family-opt oracle=true --inner-steps 0)")
             theta = run.theta
         opts.update(oracle_run=None, rollouts=self.rl.rollouts, horizon=self.rl.horizon,
-                    workers=self.workers, healthy_z_range=self.healthy_z_range)
+                    workers=self.workers,  # the oracle observes what it was trained on
+                    healthy_z_range=self.robot_options.get("healthy_z_range"))
         oracle = type(self)(**opts)
         batch = oracle.batch_for(tasks, ORACLE_SEED, device=device, dtype=dtype)
         theta_T = P.expand(P.to(theta, device, dtype), len(tasks))

@@ -168,7 +168,7 @@ def test_healthy_z_range_sets_where_an_ant_episode_ends():
     assert free.options()["healthy_z_range"] == [0.2, float("inf")]
     assert "healthy_z_range" not in families.make("ant-dir").options()
     again = families.make("ant-dir", **free.options())
-    assert again.healthy_z_range == (0.2, float("inf"))
+    assert again.robot_options["healthy_z_range"] == (0.2, float("inf"))
     with pytest.raises(ConfigError, match=r"healthy_z_range \[1.0, 0.5\] is not \[low, high\]"):
         families.make("ant-vel", healthy_z_range=[1.0, 0.5])
     with pytest.raises(ConfigError, match="never terminates, so it has no healthy_z_range"):
@@ -176,6 +176,37 @@ def test_healthy_z_range_sets_where_an_ant_episode_ends():
     with pytest.raises(ConfigError,
                        match=r"expected a list of 2 items .* healthy_z_range=\[0.5,1.5\]"):
         families.make("ant-dir", healthy_z_range="high")
+
+
+def test_ant_without_contact_forces_in_the_observation():
+    """``include_cfrc_ext_in_observation=false``: the same physics and rewards (the contact
+    cost still charged), the observation without its 78 contact forces, in the registered
+    environment and the slots alike; the policy's input shrinks with it."""
+    full, bare = families.make("ant-vel"), families.make(
+        "ant-vel", include_cfrc_ext_in_observation=False)
+    task = {"velocity": 1.2}
+    envs = [fam.make_env(task) for fam in (full, bare)]
+    assert [e.observation_space.shape for e in envs] == [(105,), (27,)]
+    obs = [e.reset(seed=4)[0] for e in envs]
+    slots = bare.slots_factory()()
+    np.testing.assert_array_equal(slots.reset([task], [4])[0], obs[1])
+    np.testing.assert_array_equal(obs[0][:27], obs[1])
+    rng = np.random.default_rng(0)
+    contact = 0.0
+    for _ in range(20):
+        a = rng.uniform(-1, 1, 8).astype(np.float32)
+        (o_full, r_full, *_, i_full), (o_bare, r_bare, *_, i_bare) = (e.step(a) for e in envs)
+        s_obs, s_rew, _ = slots.step(a[None])
+        np.testing.assert_array_equal(o_full[:27], o_bare)
+        np.testing.assert_array_equal(s_obs[0], o_bare)
+        assert r_full == r_bare == s_rew[0]
+        contact += i_bare["reward_contact"]
+    assert contact < 0  # still charged
+    assert bare.options()["include_cfrc_ext_in_observation"] is False
+    theta = bare.init_params(torch.Generator().manual_seed(0), CPU, torch.float32)
+    assert theta["l0.w"].shape == (27, 64)
+    with pytest.raises(ConfigError, match="observes no contact forces"):
+        families.make("halfcheetah-vel", include_cfrc_ext_in_observation=False)
 
 
 @pytest.mark.parametrize("cls", [loco.HalfCheetahVelEnv, loco.AntDirEnv])
