@@ -68,16 +68,18 @@ class StopOnRank1:
 cfg = TrainConfig.from_dict({"family": "sinusoid", "family_options": {"hidden": [4]},
                              "meta_batch": 4, "iterations": 6, "device": "cpu"})
 result = train(cfg, sys.argv[1], callbacks=[StopOnRank1()])
-print("rank", current().rank, "ran", result.iterations)
+# one file per rank: the ranks share torchrun's stdout, where their lines can interleave
+with open(f"{sys.argv[2]}/rank{current().rank}.txt", "w") as f:
+    f.write(f"rank {current().rank} ran {result.iterations}")
 '''
 
 
 def test_any_rank_stopping_stops_every_rank(tmp_path):
     (tmp_path / "stop.py").write_text(textwrap.dedent(SCRIPT))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc-per-node", "2", str(tmp_path / "stop.py"), str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=300)
+                        "--nproc-per-node", "2", str(tmp_path / "stop.py"), str(tmp_path / "run"),
+                        str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert sorted(ln for ln in r.stdout.splitlines() if ln.startswith("rank")) == [
+    assert [(tmp_path / f"rank{k}.txt").read_text() for k in (0, 1)] == [
         "rank 0 ran 2", "rank 1 ran 2"]
     assert checkpoint.load(tmp_path / "run").iteration == 2
