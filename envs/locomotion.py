@@ -106,6 +106,9 @@ class Robot:
     """Constant added to the velocity tasks' forward term (Ant's ``+ 1``)."""
     velocity_range: tuple[float, float] = (0.0, 2.0)
     """Target velocities of the velocity family ~ U[low, high]."""
+    frame_skip: int = 5
+    """MuJoCo steps per action (Gymnasium's ``frame_skip``; v5's 5 with the models' 0.01 s
+    timestep: 0.05 s per action)."""
 
 
 HALF_CHEETAH = Robot(module="gymnasium.envs.mujoco.half_cheetah_v5", cls="HalfCheetahEnv",
@@ -208,13 +211,22 @@ def healthy_range(robot: Robot, value: Any) -> tuple[float, float]:
 
 
 def configured(robot: Robot, healthy_z_range: Sequence[float] | None = None,
-               include_cfrc_ext_in_observation: bool | None = None) -> Robot:
+               include_cfrc_ext_in_observation: bool | None = None,
+               frame_skip: int | None = None) -> Robot:
     """``robot`` with Gymnasium's options of these names set (None: as it is).
 
     Raises:
-        ValueError: a bad range (:func:`healthy_range`), or an option ``robot`` lacks (it
-            never terminates; it has no contact forces).
+        ValueError: a bad range (:func:`healthy_range`), a ``frame_skip`` that is not a
+            positive integer, or an option ``robot`` lacks (it never terminates; it has
+            no contact forces).
     """
+    if frame_skip is not None:
+        if isinstance(frame_skip, bool) or not isinstance(frame_skip, numbers.Integral) \
+                or frame_skip < 1:
+            raise ValueError(f"frame_skip {frame_skip!r} is not a positive integer (MuJoCo "
+                             f"steps of 0.01 s per action; the default is {robot.frame_skip}, "
+                             "2 is rllab's Ant control rate)")
+        robot = replace(robot, frame_skip=int(frame_skip))
     if healthy_z_range is not None:
         robot = replace(robot, healthy_z=healthy_range(robot, healthy_z_range))
     if include_cfrc_ext_in_observation is not None:
@@ -229,7 +241,7 @@ class LocomotionEnv(gymnasium.Env[np.ndarray, np.ndarray]):
     """A Gymnasium MuJoCo v5 robot whose task sets what "forward" is rewarded.
 
     The simulation is Gymnasium's own v5 environment (``self.sim``: its model,
-    ``frame_skip`` 5, ``dt`` 0.05 s, start state with reset noise 0.1), driven by
+    ``frame_skip`` 5 unless set, ``dt`` 0.05 s, start state with reset noise 0.1), driven by
     this class, which computes the observation (v5's), reward and termination of
     the task with :func:`outcome`. Subclasses set ``robot`` and ``task_key`` and
     document the family.
@@ -245,9 +257,11 @@ class LocomotionEnv(gymnasium.Env[np.ndarray, np.ndarray]):
     reset draws one from the task distribution with the env's ``np_random``.
     The oracle variant (``oracle=True``) appends the task parameter to the
     observation. No rendering (``render_mode=None`` only). No horizon here:
-    ``gymnasium.make`` adds the 100-step ``TimeLimit``. Ant takes two of Gymnasium's
-    options: ``healthy_z_range=[low, high]``, the range of the torso's z outside which
-    an episode ends (default ``robot.healthy_z``), and
+    ``gymnasium.make`` adds the 100-step ``TimeLimit``. Every robot takes Gymnasium's
+    ``frame_skip`` (MuJoCo steps of 0.01 s per action, default 5; ``dt`` and ``v_x``
+    follow it). Ant takes two more of Gymnasium's options:
+    ``healthy_z_range=[low, high]``, the range of the torso's z outside which an
+    episode ends (default ``robot.healthy_z``), and
     ``include_cfrc_ext_in_observation`` (default True: the 78 clipped contact forces
     end the observation; False: 27 dims, the contact cost still charged).
     """
@@ -262,15 +276,18 @@ class LocomotionEnv(gymnasium.Env[np.ndarray, np.ndarray]):
     def __init__(self, task: Mapping[str, Any] | None = None, oracle: bool = False,
                  render_mode: str | None = None,
                  healthy_z_range: Sequence[float] | None = None,
-                 include_cfrc_ext_in_observation: bool | None = None) -> None:
+                 include_cfrc_ext_in_observation: bool | None = None,
+                 frame_skip: int | None = None) -> None:
         if render_mode is not None:
             raise ValueError(f"{type(self).__name__} has no render modes, got "
                              f"render_mode={render_mode!r}: pass render_mode=None")
         # this instance's robot; the class's is left as it is
-        self.robot = configured(self.robot, healthy_z_range, include_cfrc_ext_in_observation)
+        self.robot = configured(self.robot, healthy_z_range, include_cfrc_ext_in_observation,
+                                frame_skip)
         module = require_mujoco(f"environment {type(self).__name__}", self.robot.module)
-        sim_options = ({} if self.robot.cfrc_in_obs or not self.robot.contact_cost_weight
-                       else {"include_cfrc_ext_in_observation": False})
+        sim_options: dict[str, Any] = {"frame_skip": self.robot.frame_skip}
+        if self.robot.contact_cost_weight and not self.robot.cfrc_in_obs:
+            sim_options["include_cfrc_ext_in_observation"] = False
         self.sim = getattr(module, self.robot.cls)(**sim_options)
         self.render_mode = render_mode
         self.dt = float(self.sim.dt)
@@ -511,9 +528,9 @@ class LocomotionSlots:
         env_cls: the environment class (e.g. :class:`HalfCheetahVelEnv`).
         oracle: append the task parameter to the observation.
         horizon: truncation horizon (steps).
-        robot_options: the environments' ``healthy_z_range`` and
-            ``include_cfrc_ext_in_observation`` (:class:`LocomotionEnv`; absent: the
-            robot's).
+        robot_options: the environments' ``healthy_z_range``,
+            ``include_cfrc_ext_in_observation`` and ``frame_skip`` (:class:`LocomotionEnv`;
+            absent: the robot's).
     """
 
     def __init__(self, env_cls: type[LocomotionEnv], oracle: bool = False,
@@ -606,7 +623,8 @@ LOCOMOTION_DEFAULTS = RL_DEFAULTS.with_(train={"meta_batch": 40})
 
 RLLAB_DIFFERENCES = (
     "Differences from the MAML paper's rllab tasks: Gymnasium's MuJoCo v5 models "
-    "(frame skip 5, dt 0.05 s; rllab's cheetah stepped 0.01 s per action) and their "
+    "(frame skip 5, dt 0.05 s; rllab's cheetah stepped 0.01 s per action, its Ant 0.02 s: "
+    "--family-opt frame_skip=1 or 2 sets the same control rate) and their "
     "observations (rllab's held other coordinates); horizon 100 (the PyTorch ports) "
     "instead of 200; v_x from the root's qpos; the control cost charged on the clipped "
     "action; Ant's survival reward is 0 on the terminating step. Returns compare with "
@@ -635,6 +653,9 @@ class LocomotionFamily(RLFamily):
         include_cfrc_ext_in_observation: Ant only: False leaves the 78 clipped contact
             forces out of the observation (27 dims instead of 105; the contact cost is
             still charged); None: Gymnasium v5's default, True.
+        frame_skip: MuJoCo steps of 0.01 s per action (None: v5's 5, 0.05 s per action;
+            rllab's Ant acted every 0.02 s, its cheetah every 0.01 s). The horizon counts
+            actions, so ``frame_skip=2 horizon=200`` simulates 4 s as ``horizon=100`` 5 s.
         **options: the options of :class:`~metarl.rl.family.RLFamily` (``rollouts``,
             ``horizon`` (default 100), ``workers``, ...).
 
@@ -655,7 +676,8 @@ class LocomotionFamily(RLFamily):
 
     def __init__(self, oracle: bool = False, oracle_run: str | None = None,
                  healthy_z_range: tuple[float, float] | None = None,
-                 include_cfrc_ext_in_observation: bool | None = None, **options: Any) -> None:
+                 include_cfrc_ext_in_observation: bool | None = None,
+                 frame_skip: int | None = None, **options: Any) -> None:
         env_cls = ENV_CLASSES[self.env_stem]
         require_mujoco(f"family {self.name!r}", env_cls.robot.module)
         super().__init__(**options)
@@ -663,7 +685,8 @@ class LocomotionFamily(RLFamily):
         self.oracle = bool(oracle)
         self.oracle_run = None if oracle_run is None else str(oracle_run)
         try:
-            robot = configured(env_cls.robot, healthy_z_range, include_cfrc_ext_in_observation)
+            robot = configured(env_cls.robot, healthy_z_range, include_cfrc_ext_in_observation,
+                               frame_skip)
         except ValueError as e:
             raise ConfigError(f"family {self.name!r}: {e}") from None
         self.robot_options: dict[str, Any] = {}
@@ -672,6 +695,10 @@ class LocomotionFamily(RLFamily):
             self.robot_options["healthy_z_range"] = robot.healthy_z
         if include_cfrc_ext_in_observation is not None:
             self.robot_options["include_cfrc_ext_in_observation"] = robot.cfrc_in_obs
+        if frame_skip is not None:
+            self.robot_options["frame_skip"] = robot.frame_skip
+        self.robot = robot
+        """The environments' robot, with these options set."""
 
     @property
     def env_id(self) -> str:
@@ -711,6 +738,9 @@ class LocomotionFamily(RLFamily):
             lines.append(f"episodes end when the torso's z leaves [{low:g}, {high:g}]")
         if self.robot_options.get("include_cfrc_ext_in_observation") is False:
             lines.append("the contact forces are left out of the observation")
+        if "frame_skip" in self.robot_options:
+            skip = self.robot_options["frame_skip"]
+            lines.append(f"frame_skip {skip}: {skip * 0.01:g} s per action")
         if self.oracle_run:
             lines.append(f"oracle line: the policy of {self.oracle_run}")
         return "\n".join(lines)
@@ -744,6 +774,12 @@ class LocomotionFamily(RLFamily):
                     f"with metarl oracle {self.name} --out RUN (or metarl train --family "
                     f"{self.name} --family-opt oracle=true --inner-steps 0)")
             theta = run.theta
+        trained = opts.get("frame_skip") or self.env_cls.robot.frame_skip
+        if trained != self.robot.frame_skip:  # its policy acts at another control rate
+            raise ConfigError(
+                f"oracle_run {self.oracle_run!r} was trained with frame_skip {trained}, this "
+                f"family steps with frame_skip {self.robot.frame_skip}: train the oracle with "
+                "the same --family-opt frame_skip")
         opts.update(oracle_run=None, rollouts=self.rl.rollouts, horizon=self.rl.horizon,
                     workers=self.workers,  # the oracle observes what it was trained on
                     healthy_z_range=self.robot_options.get("healthy_z_range"))

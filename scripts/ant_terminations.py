@@ -7,6 +7,7 @@ healthy range, or the horizon), for a few noise levels and any ``healthy_z_range
 
     python scripts/ant_terminations.py --family ant-dir --episodes 60
     python scripts/ant_terminations.py --family ant-dir --healthy-z-range 0.2 inf
+    python scripts/ant_terminations.py --family ant-dir --frame-skip 2 --horizon 200
 
 One line per std: mean episode length, episodes ended above / below the range, episodes
 that reached the horizon, mean return.
@@ -27,9 +28,14 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=60)
     ap.add_argument("--std", type=float, nargs="+", default=[1.0, 0.5, 0.0])
     ap.add_argument("--healthy-z-range", type=float, nargs=2, default=None)
+    ap.add_argument("--frame-skip", type=int, default=None,
+                    help="MuJoCo steps of 0.01 s per action (default 5; rllab's Ant: 2)")
+    ap.add_argument("--horizon", type=int, default=None, help="actions per episode (100)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    opts = {} if args.healthy_z_range is None else {"healthy_z_range": args.healthy_z_range}
+    given = {"healthy_z_range": args.healthy_z_range, "frame_skip": args.frame_skip,
+             "horizon": args.horizon}
+    opts = {k: v for k, v in given.items() if v is not None}
     fam = families.make(args.family, **opts)
     task = fam.sample_tasks(1, np.random.default_rng(args.seed))[0]
     for std in args.std:
@@ -53,8 +59,9 @@ def main() -> None:
             lengths.append(t)
             returns.append(total)
         env.close()
-        print(f"{args.family} z in [{low:g}, {high:g}], action std {std:g}: mean length "
-              f"{np.mean(lengths):.1f} of {fam.rl.horizon}; ended above the range {above}, "
+        print(f"{args.family} z in [{low:g}, {high:g}], {env.unwrapped.dt:g} s per action, "
+              f"action std {std:g}: mean length {np.mean(lengths):.1f} of {fam.rl.horizon} "
+              f"({np.mean(lengths) * env.unwrapped.dt:.2f} s); ended above the range {above}, "
               f"below {below}, at the horizon {full} of {args.episodes}; mean return "
               f"{np.mean(returns):.2f}")
 

@@ -209,6 +209,48 @@ def test_ant_without_contact_forces_in_the_observation():
         families.make("halfcheetah-vel", include_cfrc_ext_in_observation=False)
 
 
+@pytest.mark.parametrize("name", ["ant-dir", "halfcheetah-vel"])
+def test_frame_skip_sets_the_control_rate(name):
+    """``frame_skip=2``: two MuJoCo steps of 0.01 s per action (rllab's Ant rate), v_x over
+    0.02 s, in the registered environment and the slots alike, and the same state as the
+    default model stepped twice as often; bad values are refused in one line."""
+    fam, default = families.make(name, frame_skip=2), families.make(name)
+    task = fam.sample_tasks(1, np.random.default_rng(3))[0]
+    env, ref = fam.make_env(task), default.make_env(task)
+    assert env.unwrapped.dt == pytest.approx(0.02) and ref.unwrapped.dt == pytest.approx(0.05)
+    obs = env.reset(seed=4)[0]
+    slots = fam.slots_factory()()
+    np.testing.assert_array_equal(slots.reset([task], [4])[0], obs)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        a = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+        x = env.unwrapped.sim.data.qpos[0]
+        o, r, *_, info = env.step(a)
+        s_obs, s_rew, _ = slots.step(a[None])
+        np.testing.assert_array_equal(s_obs[0], o)
+        assert s_rew[0] == r
+        assert info["x_velocity"] == pytest.approx((env.unwrapped.sim.data.qpos[0] - x) / 0.02)
+    # five actions at frame_skip 2 held for two steps each = two at 5 (10 MuJoCo steps)
+    raw = families.make(name, frame_skip=1).make_env(task)
+    raw.reset(seed=4)
+    ref.reset(seed=4)
+    a = np.full(env.action_space.shape, 0.3, dtype=np.float32)
+    for _ in range(10):
+        raw.step(a)
+    for _ in range(2):
+        ref.step(a)
+    np.testing.assert_allclose(raw.unwrapped.sim.data.qpos, ref.unwrapped.sim.data.qpos,
+                               atol=1e-12)
+    assert fam.options()["frame_skip"] == 2 and "frame_skip" not in default.options()
+    assert families.make(name, **fam.options()).robot.frame_skip == 2
+    assert "frame_skip 2: 0.02 s per action" in fam.describe()
+    for bad in (0, -2):
+        with pytest.raises(ConfigError, match=rf"frame_skip {bad} is not a positive integer"):
+            families.make(name, frame_skip=bad)
+    with pytest.raises(ConfigError, match=r"frame_skip=1.5: expected an integer"):
+        families.make(name, frame_skip=1.5)
+
+
 @pytest.mark.parametrize("cls", [loco.HalfCheetahVelEnv, loco.AntDirEnv])
 def test_batched_slots_equal_the_gymnasium_env(cls):
     """The sampler's fast path steps exactly as the registered environment, including an
