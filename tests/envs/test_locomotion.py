@@ -444,3 +444,7 @@ def test_train_evaluate_with_oracle_line(tmp_path):
     not_oracle = families.make("halfcheetah-vel", oracle_run=str(run))
     with pytest.raises(ConfigError, match=r"with oracle=False: train one with"):
         not_oracle.oracle_returns([{"velocity": 1.0}], CPU, torch.float32)
+    other_rate = families.make("halfcheetah-vel", oracle_run=str(oracle), frame_skip=2)
+    with pytest.raises(ConfigError, match=r"trained with frame_skip 5, this family steps with "
+                                          r"frame_skip 2: train the oracle with the same"):
+        other_rate.oracle_returns([{"velocity": 1.0}], CPU, torch.float32)
